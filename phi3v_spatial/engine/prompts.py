@@ -1,0 +1,66 @@
+"""Prompt texts shared by the node, the CLI, training and evaluation.
+
+One place on purpose: a LoRA adapter only works if inference asks its questions exactly the way
+training asked them, so every caller builds prompts (and answer targets) through these functions.
+The chat format is Phi-3-vision's: ``<|user|>\\n<|image_1|>\\n...<|end|>\\n<|assistant|>\\n``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
+
+END = "<|end|>"
+ENDOFTEXT = "<|endoftext|>"
+
+PLAN_STEP_FIELDS = ("action", "target", "reference", "relation", "detail")
+
+YES = "yes"
+NO = "no"
+
+
+def image_placeholders(num_images: int) -> str:
+    """``<|image_1|>\\n<|image_2|>\\n...`` for ``num_images`` images (frames in the order given)."""
+    return "".join(f"<|image_{i}|>\n" for i in range(1, num_images + 1))
+
+
+def chat_prompt(user_text: str, num_images: int, system: str | None = None) -> str:
+    """A single-turn prompt ending with the assistant tag, ready for generation."""
+    text = ""
+    if system:
+        text += f"<|system|>\n{system}{END}\n"
+    text += f"<|user|>\n{image_placeholders(num_images)}{user_text}{END}\n<|assistant|>\n"
+    return text
+
+
+def answer_target(answer: str) -> str:
+    """The training target that follows a prompt: answer, ``<|end|>``, newline, ``<|endoftext|>``."""
+    return f"{answer}{END}\n{ENDOFTEXT}"
+
+
+def relation_question(subject: str, relation: str, obj: str) -> str:
+    """The yes/no question ``query_relations`` scores and the adapter is trained on."""
+    return f"Is the {subject} {relation} the {obj}? Answer yes or no."
+
+
+def caption_question(caption: str) -> str:
+    """VSR-style caption verification as a yes/no question."""
+    caption = caption.strip().rstrip(".")
+    return f"Is this true: {caption}? Answer yes or no."
+
+
+def choice_question(question: str, choices: Sequence[str]) -> str:
+    return f"{question} Choose one of: {', '.join(choices)}."
+
+
+def plan_request(instruction: str) -> str:
+    """Ask for a plan as a JSON list of steps with the PlanStep fields."""
+    fields = ", ".join(f'"{f}"' for f in PLAN_STEP_FIELDS)
+    return (
+        f"Instruction: {instruction}\n"
+        f"Reply with a JSON list of plan steps; each step is an object with the keys {fields}."
+    )
+
+
+def plan_answer(steps: Iterable[dict]) -> str:
+    """The canonical JSON text of a plan (what training targets and what the parser reads back)."""
+    return json.dumps([{k: str(s.get(k, "")) for k in PLAN_STEP_FIELDS} for s in steps], separators=(", ", ": "))

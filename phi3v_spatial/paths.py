@@ -1,0 +1,37 @@
+"""Where the embedded default model lives, for a source checkout and for an installed package."""
+from __future__ import annotations
+
+import os
+import sys
+
+EMBEDDED_MODEL_NAME = "phi3v-spatial-tiny"
+EMBEDDED_ADAPTER_NAME = "spatial"
+
+
+def _candidate_roots() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = [os.path.join(os.path.dirname(here), "models")]            # source checkout / editable install
+    roots.append(os.path.join(sys.prefix, "share", "phi3v_spatial", "models"))  # pip / colcon install
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        if prefix:
+            roots.append(os.path.join(prefix, "share", "phi3v_spatial", "models"))
+    return roots
+
+
+def models_dir() -> str:
+    """The first ``models/`` folder that holds the embedded model (or the source one if none does)."""
+    roots = _candidate_roots()
+    for root in roots:
+        if os.path.isfile(os.path.join(root, EMBEDDED_MODEL_NAME, "config.json")):
+            return root
+    return roots[0]
+
+
+def default_model_dir() -> str:
+    """The embedded base checkpoint (official Phi-3-vision layout, small dimensions)."""
+    return os.path.join(models_dir(), EMBEDDED_MODEL_NAME)
+
+
+def default_adapter_dir() -> str:
+    """The embedded spatial LoRA adapter trained on synthetic spatial questions."""
+    return os.path.join(models_dir(), EMBEDDED_MODEL_NAME + "-lora-" + EMBEDDED_ADAPTER_NAME)

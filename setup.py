@@ -1,0 +1,31 @@
+"""ament_python setup for phi3v_spatial (works with colcon and with plain pip)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "phi3v_spatial"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="phi3v_spatial maintainers",
+    maintainer_email="maintainers@phi3v-spatial.dev",
+    description="Spatial reasoning for robots with a native Phi-3-vision model, as a ROS 2 node.",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    entry_points={
+        "console_scripts": [
+            "spatial_node = phi3v_spatial.ros.node:main",
+            "phi3v-spatial = phi3v_spatial.cli:main",
+        ],
+    },
+)
