@@ -73,11 +73,7 @@ def test_launch_file_names_an_existing_executable_and_params_file():
     assert kw["package"].value == "phi3v_spatial" and kw["executable"].value == "spatial_node"
 
 
-def test_setup_is_idempotent_and_quick():
-    import time
-
-    t0 = time.time()
+def test_setup_is_idempotent():
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup_venv.sh")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "[setup]" not in out.stdout, f"setup redid work although nothing changed:\n{out.stdout}"
-    assert time.time() - t0 < 30
