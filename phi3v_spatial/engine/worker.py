@@ -1,0 +1,305 @@
+"""One inference thread behind a bounded queue, with deadlines, queue positions and cancellation.
+
+Why: the model is one big shared object (one device, one KV cache at a time), so requests are
+serialised on a single thread; callers (ROS service/action callbacks, the CLI) get a :class:`Job`
+handle at once and can wait on it, watch its queue position, or cancel it, without ever running
+the model on their own thread.
+
+Rules:
+
+* ``max_pending`` bounds the jobs *waiting* (the running job is not counted); a submit beyond it is
+  rejected immediately with :class:`JobRejected` and a reason.
+* Every job has a deadline. A job still queued at its deadline fails with :class:`JobTimeout` without
+  running; a running job sees ``should_stop()`` turn true at its deadline and then fails with
+  :class:`JobTimeout` (carrying whatever partial value the function returned).
+* ``cancel()`` removes a queued job at once; for a running job it makes ``should_stop()`` true, which the
+  engine polls before every token, and the job ends as :class:`JobCancelled`.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, TIMED_OUT = "queued", "running", "done", "failed", "cancelled", "timed_out"
+_FINISHED = (DONE, FAILED, CANCELLED, TIMED_OUT)
+
+
+class JobError(Exception):
+    """Base class of the worker's own failures (the job function's exceptions pass through unchanged)."""
+
+    def __init__(self, message: str, partial: Any = None):
+        super().__init__(message)
+        self.partial = partial
+
+
+class JobRejected(JobError):
+    """The queue is full or the worker is stopped; nothing was queued."""
+
+
+class JobTimeout(JobError):
+    """The job's deadline passed (while queued, or while running)."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled by its caller (or the worker was stopped)."""
+
+
+class Job:
+    """A handle on one submitted job: state, queue position, wait/result, cancel, should_stop."""
+
+    def __init__(self, worker: "InferenceWorker", fn: Callable[["Job"], Any], timeout_s: float, name: str):
+        self.id = next(InferenceWorker._ids)
+        self.name = name or f"job-{self.id}"
+        self._worker = worker
+        self._fn = fn
+        self.submitted = time.monotonic()
+        self.timeout_s = float(timeout_s)
+        self.deadline = self.submitted + self.timeout_s if self.timeout_s > 0 else float("inf")
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.state = QUEUED
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[["Job"], None]] = []
+
+    # -- caller side ---------------------------------------------------------------------------
+    def cancel(self) -> bool:
+        """Cancel: a queued job ends now; a running one stops at its next should_stop() poll."""
+        return self._worker._cancel(self)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def should_stop(self) -> bool:
+        """Polled by the engine before every token: cancel requested or deadline passed."""
+        return self._cancel.is_set() or time.monotonic() >= self.deadline or self._worker._stopping
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def queue_position(self) -> int | None:
+        """1 = next to run, 2 = behind one job...; 0 = running; None = finished."""
+        return self._worker.position(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until finished (expiring the job if it is still queued past its deadline)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            self._worker._expire_due()
+            step = 0.1
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                step = min(step, left)
+            if self.state == QUEUED and self.deadline != float("inf"):
+                step = max(0.0, min(step, self.deadline - time.monotonic()) + 0.001)
+            self._done.wait(step)
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The function's return value, or raises its exception / JobTimeout / JobCancelled."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self.name} still {self.state} after waiting {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        self.wait()
+        return self._error
+
+    def add_done_callback(self, cb: Callable[["Job"], None]) -> None:
+        """Called once (on the worker or cancelling thread) when the job finishes."""
+        with self._worker._lock:
+            if not self._done.is_set():
+                self._callbacks.append(cb)
+                return
+        cb(self)
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished is None else self.finished - self.submitted
+
+    def __repr__(self):
+        return f"Job({self.name!r}, {self.state})"
+
+    # -- worker side ---------------------------------------------------------------------------
+    def _finish(self, state: str, value: Any = None, error: BaseException | None = None) -> None:
+        with self._worker._lock:  # same lock as add_done_callback: no callback is lost
+            self.state = state
+            self._value = value
+            self._error = error
+            self.finished = time.monotonic()
+            callbacks, self._callbacks = self._callbacks, []
+            self._done.set()
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:  # noqa: BLE001 - a broken callback must not kill the worker
+                pass
+
+
+class InferenceWorker:
+    """Runs submitted functions one at a time on a dedicated thread (see the module docstring)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, max_pending: int = 4, name: str = "inference"):
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self.max_pending = int(max_pending)
+        self._stopping = False
+        self.completed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.last_latency_s: float | None = None
+        self.last_run_s: float | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- submitting ----------------------------------------------------------------------------
+    def submit(self, fn: Callable[[Job], Any], timeout_s: float = 0.0, name: str = "") -> Job:
+        """Queue ``fn(job)``; raises JobRejected at once when ``max_pending`` jobs already wait.
+
+        ``timeout_s`` <= 0 means no deadline.
+        """
+        self._expire_due()
+        job = Job(self, fn, timeout_s, name)
+        with self._lock:
+            if self._stopping:
+                self.rejected += 1
+                raise JobRejected("the inference worker is shut down (node cleaning up or exiting)")
+            busy = self._running is not None or bool(self._queue)
+            if busy and len(self._queue) >= self.max_pending:
+                self.rejected += 1
+                raise JobRejected(
+                    f"request queue is full: {len(self._queue)} request(s) waiting behind the running one "
+                    f"(queue.max_pending = {self.max_pending}); retry later or raise queue.max_pending")
+            self._queue.append(job)
+            self._wake.notify_all()
+        return job
+
+    def set_max_pending(self, n: int) -> None:
+        if int(n) < 0:
+            raise ValueError("queue.max_pending must be >= 0")
+        with self._lock:
+            self.max_pending = int(n)
+
+    # -- status --------------------------------------------------------------------------------
+    def position(self, job: Job) -> int | None:
+        with self._lock:
+            if job is self._running:
+                return 0
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return None
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not counting the running one)."""
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running is not None
+
+    # -- cancel / expire -----------------------------------------------------------------------
+    def _cancel(self, job: Job) -> bool:
+        job._cancel.set()
+        with self._lock:
+            if job.state == QUEUED and job in self._queue:
+                self._queue.remove(job)
+                finish = True
+            else:
+                finish = False
+        if finish:
+            job._finish(CANCELLED, error=JobCancelled(f"{job.name} cancelled while queued"))
+            return True
+        return job.state == RUNNING
+
+    def _expire_due(self) -> None:
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for job in list(self._queue):
+                if now >= job.deadline:
+                    self._queue.remove(job)
+                    expired.append(job)
+        for job in expired:
+            job._finish(TIMED_OUT, error=JobTimeout(
+                f"request timed out after {job.timeout_s:g} s while waiting in the queue "
+                f"(request_timeout_s / goal timeout_s); the model is busy with earlier requests"))
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._expire_due()
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._wake.wait(0.5)
+                if self._stopping and not self._queue:
+                    return
+                job = self._queue.popleft()
+                if time.monotonic() >= job.deadline:
+                    self._queue.appendleft(job)
+                    continue  # _expire_due handles it on the next turn
+                self._running = job
+                job.state = RUNNING
+                job.started = time.monotonic()
+            value, error, state = None, None, DONE
+            try:
+                value = job._fn(job)
+            except BaseException as exc:  # noqa: BLE001 - reported through the job, never kills the thread
+                error, state = exc, FAILED
+            if error is None and job.cancel_requested:
+                error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
+            elif error is None and time.monotonic() >= job.deadline:
+                error, state = JobTimeout(
+                    f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
+                    f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
+                    partial=value), TIMED_OUT
+            elif error is None and self._stopping:
+                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down", partial=value), CANCELLED
+            with self._lock:
+                self._running = None
+                self.last_run_s = time.monotonic() - job.started
+                self.last_latency_s = time.monotonic() - job.submitted
+                if state == DONE:
+                    self.completed += 1
+                else:
+                    self.failed += 1
+            job._finish(state, value, error)
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Reject new jobs, cancel queued ones, ask the running one to stop, and join the thread."""
+        with self._lock:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            running = self._running
+            self._wake.notify_all()
+        for job in queued:
+            job._cancel.set()
+            job._finish(CANCELLED, error=JobCancelled(f"{job.name} cancelled: the worker is shutting down"))
+        if running is not None:
+            running._cancel.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping

@@ -1,0 +1,140 @@
+"""FrameWindow: stamp-keyed keyframes, staleness against a caller-given now, lazy decode, thread safety."""
+import threading
+
+import numpy as np
+import pytest
+
+from phi3v_spatial.engine.images import ImageDecodeError
+from phi3v_spatial.engine.window import (
+    NS, CompressedPayload, FrameWindow, RawPayload, StaleWindowError, WindowError,
+)
+
+
+def raw(value=0, h=2, w=3):
+    return RawPayload("rgb8", h, w, w * 3, np.full((h, w, 3), value, np.uint8).tobytes())
+
+
+def s(t):
+    return int(t * NS)
+
+
+def test_keyframes_are_spaced_and_latest_always_replaced():
+    win = FrameWindow(num_frames=3, min_interval_s=1.0, max_age_s=0, capacity=8)
+    statuses = [win.add("/a", s(t), raw(int(t * 10))) for t in (0.0, 0.3, 0.6, 1.0, 1.2, 2.1, 2.4)]
+    assert statuses == ["keyframe", "latest", "latest", "keyframe", "latest", "keyframe", "latest"]
+    sel = win.select(["/a"])
+    # latest (2.4), then keyframes at least 1 s before it and 1 s apart: 1.0 (2.1 is too close), 0.0
+    assert sel.stamps_ns == [s(0.0), s(1.0), s(2.4)]
+    assert win.select(["/a"], num_frames=1).stamps_ns == [s(2.4)]
+
+
+def test_zero_interval_keeps_every_frame_up_to_capacity():
+    win = FrameWindow(num_frames=10, min_interval_s=0.0, max_age_s=0, capacity=3)
+    for t in range(6):
+        win.add("/a", s(t), raw(t))
+    assert win.select().stamps_ns == [s(3), s(4), s(5)]
+
+
+def test_stale_window_names_topic_and_age_relative_to_given_now():
+    win = FrameWindow(num_frames=1, max_age_s=2.0)
+    win.add_topic("/front")
+    win.add_topic("/side")
+    win.add("/front", s(100.0), raw())
+    win.add("/side", s(95.0), raw())
+    with pytest.raises(StaleWindowError, match=r"/side newest frame is 6\.00 s old.*max_age_s = 2"):
+        win.select(now_ns=s(101.0))
+    assert win.select(["/front"], now_ns=s(101.0)).stamps_ns == [s(100.0)]
+    # the same frames are fresh for a caller whose "now" is earlier (replay's question time)
+    assert win.select(now_ns=s(96.0)).topics == ["/front", "/side"]
+
+
+def test_old_keyframes_are_not_used_past_max_age():
+    win = FrameWindow(num_frames=3, min_interval_s=1.0, max_age_s=2.5)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        win.add("/a", s(t), raw())
+    assert win.select(now_ns=s(3.0)).stamps_ns == [s(1.0), s(2.0), s(3.0)]
+
+
+def test_unknown_and_silent_topics_are_clear_errors():
+    win = FrameWindow()
+    with pytest.raises(WindowError, match="no camera topics"):
+        win.select()
+    win.add_topic("/cam")
+    with pytest.raises(WindowError, match="no frames received yet on /cam"):
+        win.select()
+    with pytest.raises(WindowError, match="/other not subscribed.*/cam"):
+        win.select(["/other"])
+
+
+def test_multi_camera_selection_is_slot_aligned():
+    win = FrameWindow(num_frames=2, min_interval_s=1.0, max_age_s=0)
+    for t in (0.0, 1.0, 2.0):
+        win.add("/b", s(t) + 50_000_000, raw())
+        win.add("/a", s(t), raw())
+    sel = win.select()
+    assert [f.topic for f in sel.frames] == ["/a", "/b", "/a", "/b"]
+    assert sel.stamps_ns == [s(1.0), s(1.0) + 50_000_000, s(2.0), s(2.0) + 50_000_000]
+    assert sel.skew_ns == 50_000_000
+
+
+def test_out_of_order_dropped_and_backwards_jump_resets():
+    win = FrameWindow(num_frames=5, max_age_s=0)
+    win.add("/a", s(10.0), raw())
+    assert win.add("/a", s(10.0), raw()) == "duplicate"
+    assert win.add("/a", s(9.9), raw()) == "out_of_order"
+    assert win.add("/a", s(1.0), raw()) == "reset"  # sim time restarted / bag looped
+    assert win.select().stamps_ns == [s(1.0)]
+    assert win.stats()["/a"]["resets"] == 1
+
+
+def test_decode_is_lazy_cached_and_errors_name_the_topic():
+    win = FrameWindow(max_age_s=0)
+    win.add("/cam", 1, CompressedPayload("jpeg", b"\xff\xd8garbage"))
+    frame = win.select().frames[0]
+    for _ in range(2):
+        with pytest.raises(ImageDecodeError, match="camera /cam: corrupt"):
+            frame.rgb()
+    win.add("/cam", 2, raw(7))
+    f = win.select().frames[0]
+    a = f.rgb()
+    assert a is f.rgb() and a.shape == (2, 3, 3) and int(a[0, 0, 0]) == 7 and f.payload is None
+
+
+def test_concurrent_adds_and_selects():
+    win = FrameWindow(num_frames=3, min_interval_s=0.0, max_age_s=0, capacity=4)
+    errors = []
+
+    def producer(topic):
+        for i in range(2000):
+            win.add(topic, i + 1, raw())
+
+    def consumer():
+        try:
+            for _ in range(500):
+                sel = win.select()
+                assert sel.stamps_ns == sorted(sel.stamps_ns) or len(sel.topics) > 1
+        except WindowError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    win.add("/a", 0, raw())
+    win.add("/b", 0, raw())
+    threads = [threading.Thread(target=producer, args=(t,)) for t in ("/a", "/b")] + [threading.Thread(target=consumer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    st = win.stats()
+    assert st["/a"]["received"] == 2001 and st["/a"]["frames"] <= 4
+
+
+def test_runtime_reconfigure_validates():
+    win = FrameWindow()
+    with pytest.raises(ValueError):
+        win.configure(num_frames=0)
+    win.configure(capacity=2, max_age_s=0)
+    for t in range(5):
+        win.add("/a", s(t), raw())
+    assert len(win.select(num_frames=9).frames) == 2
