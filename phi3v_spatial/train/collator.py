@@ -1,0 +1,135 @@
+"""Records -> model batches, with the loss restricted to the answer tokens.
+
+The public phi3v-spatial collators got the label mask wrong (whole sequence, or nothing). Here a
+sample's ids are the processor's ids for the prompt exactly as inference builds it
+(``prompts.chat_prompt``), followed by the tokenizer's ids for ``prompts.answer_target(answer)``;
+every label is -100 except those target ids. Training therefore sees the same prompt ids the engine
+feeds at inference, and learns to emit answer + ``<|end|>\\n<|endoftext|>``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..data.records import SpatialRecord
+from ..engine import prompts
+
+IGNORE_INDEX = -100
+
+
+def load_images(record: SpatialRecord, root: str) -> list:
+    """The record's images as RGB PIL images (paths are relative to the JSONL's folder)."""
+    from PIL import Image
+
+    out = []
+    for path in record.image_paths(root):
+        with Image.open(path) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def record_prompt(record: SpatialRecord) -> str:
+    return prompts.chat_prompt(record.question, len(record.images))
+
+
+def target_ids(tokenizer, answer: str) -> list[int]:
+    """Token ids of ``answer_target(answer)`` as they follow the prompt (no BOS)."""
+    return list(tokenizer(prompts.answer_target(answer), add_special_tokens=False)["input_ids"])
+
+
+def _as_list(ids) -> list[int]:
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):   # batch of one
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: object = None     # tensor (n_images, crops, 3, H, W) or None
+    image_sizes: object = None      # tensor (n_images, 2) or None
+
+
+def encode_prompt(processor, prompt: str, images: Sequence):
+    """Processor output for one prompt: (ids list, pixel_values or None, image_sizes or None)."""
+    enc = processor(prompt, images=list(images) if images else None, return_tensors="pt")
+    pv = enc.get("pixel_values") if hasattr(enc, "get") else None
+    sizes = enc.get("image_sizes") if hasattr(enc, "get") else None
+    return _as_list(enc["input_ids"]), pv, sizes
+
+
+def encode_record(processor, record: SpatialRecord, root: str, images: Sequence | None = None) -> EncodedSample:
+    """One training sample: prompt ids (masked) + answer-target ids (learned)."""
+    if images is None:
+        images = load_images(record, root) if record.images else []
+    prompt_ids, pv, sizes = encode_prompt(processor, record_prompt(record), images)
+    tgt = target_ids(processor.tokenizer, record.answer)
+    return EncodedSample(
+        input_ids=prompt_ids + tgt,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + tgt,
+        pixel_values=pv,
+        image_sizes=sizes,
+    )
+
+
+def pad_id_of(tokenizer) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pid)
+
+
+def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
+    """Right-pad a list of samples into one batch; image tensors of all samples are concatenated in
+    order, which is the order the model fills the negative-id image slots (row-major)."""
+    import torch
+
+    width = max(len(s.input_ids) for s in samples)
+    n = len(samples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        L = len(s.input_ids)
+        input_ids[i, :L] = torch.tensor(s.input_ids, dtype=torch.long)
+        lab = torch.tensor(s.labels, dtype=torch.long)
+        lab[torch.tensor(s.input_ids) < 0] = IGNORE_INDEX   # image slots never carry a label
+        labels[i, :L] = lab
+        attention[i, :L] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
+    if pvs:
+        batch["pixel_values"] = torch.cat([torch.as_tensor(p) for p in pvs], dim=0)
+        batch["image_sizes"] = torch.cat(
+            [torch.as_tensor(s.image_sizes).reshape(-1, 2) for s in samples if s.image_sizes is not None], dim=0
+        )
+    return batch
+
+
+class SpatialCollator:
+    """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.pad_id = pad_id_of(processor.tokenizer)
+
+    def encode(self, record: SpatialRecord, root: str) -> EncodedSample:
+        return encode_record(self.processor, record, root)
+
+    def __call__(self, items: Sequence[tuple[SpatialRecord, str]]) -> dict:
+        return collate([self.encode(r, root) for r, root in items], self.pad_id)
+
+
+def answer_token_count(labels) -> int:
+    """How many tokens of a label row are learned (for logging and tests)."""
+    return int((np.asarray(labels) != IGNORE_INDEX).sum())
+
+
+def jsonl_root(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
