@@ -1,0 +1,352 @@
+"""Templated questions about a synthetic scene (SpatialVLM / VQASynth spirit), labelled from its 3D truth.
+
+Why templated: training and inference must phrase relation, caption, choice and plan questions identically,
+so those go through ``phi3v_spatial.engine.prompts``. Ambiguous pairs (``relation_holds`` is None) are never
+asked; yes/no labels are balanced per scene and camera. "describe" lists objects sorted by name (colour
+first), never by position, so base pretraining cannot leak left/right into the model.
+
+Kinds: yesno, choice, open, quantitative (value + unit + relative tolerance), multiframe (needs motion),
+plan (answer = ``prompts.plan_answer(steps)``, steps also in ``plan``), describe, count.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import numpy as np
+
+from ..engine import prompts
+from .records import RECORD_TYPES, SpatialRecord
+from .scene import (
+    CONVERSE, DEPTH_MARGIN_M, LATERAL_MARGIN_M, RELATIONS, SynthScene, camera_distance, distance, relation_holds,
+)
+from .vsr import VSR_META_CATEGORIES
+
+KINDS = RECORD_TYPES
+DEFAULT_KINDS = KINDS
+# Records per scene (per camera for the single-image kinds).
+DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "plan": 1, "describe": 1, "count": 1}
+QUANT_TOLERANCE = 0.25  # relative
+MOTION_MARGIN_M = 0.2
+
+DESCRIBE_QUESTION = "What objects are in the image?"
+COUNT_QUESTION = "How many objects are there?"
+MOVED_QUESTION = "Which object moved?"
+SUPERLATIVES = {
+    "left of": ("Which object is leftmost?", "the leftmost object"),
+    "right of": ("Which object is rightmost?", "the rightmost object"),
+    "closer to the camera than": ("Which object is closest to the camera?", "the object closest to the camera"),
+    "farther from the camera than": ("Which object is farthest from the camera?", "the object farthest from the camera"),
+    "bigger than": ("Which object is the biggest?", "the biggest object"),
+    "smaller than": ("Which object is the smallest?", "the smallest object"),
+    "above": ("Which object is the highest?", "the highest object"),
+}
+PAIR_CHOICES = {
+    "left of": "Which is further left, the {a} or the {b}?",
+    "right of": "Which is further right, the {a} or the {b}?",
+    "closer to the camera than": "Which is closer to the camera, the {a} or the {b}?",
+    "farther from the camera than": "Which is farther from the camera, the {a} or the {b}?",
+    "bigger than": "Which is bigger, the {a} or the {b}?",
+    "smaller than": "Which is smaller, the {a} or the {b}?",
+    "above": "Which is higher, the {a} or the {b}?",
+    "below": "Which is lower, the {a} or the {b}?",
+}
+OPEN_QUESTION = "What is {rel} the {ref}?"
+QUANT_QUESTIONS = {
+    "distance": "How far apart are the {a} and the {b}?",
+    "camera": "How far is the {a} from the camera?",
+    "height": "How tall is the {a}?",
+    "ratio": "How many times bigger is the {a} than the {b}?",
+}
+PLAN_RELATIONS = ("left of", "right of", "in front of", "behind")
+PLAN_INSTRUCTION = "Put the {a} {rel} the {b}."
+
+
+def caption(subj: str, relation: str, obj: str) -> str:
+    """VSR-style statement, e.g. "The red cube is left of the blue sphere."."""
+    return f"The {subj} is {relation} the {obj}."
+
+
+def meta_category(relation: str) -> str:
+    """VSR meta-category ("" for the synthetic-only relations such as "bigger than")."""
+    return VSR_META_CATEGORIES.get(relation, "")
+
+
+def format_quantity(value: float) -> str:
+    """Two significant figures below 1, one decimal above: "0.85", "1.3"."""
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _ctx(scene: SynthScene, camera: int, image: str, kind: str, j: int) -> dict:
+    return dict(id=f"synth-{scene.id}-c{camera}-{kind}-{j}", images=[image], type=kind, source="synth")
+
+
+def _pair(rng: np.random.Generator, names: list[str]) -> tuple[str, str]:
+    i, k = rng.choice(len(names), size=2, replace=False)
+    return names[int(i)], names[int(k)]
+
+
+def yesno_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """``n`` yes/no relation questions, labels balanced (a shuffled half-yes half-no list)."""
+    names = scene.names
+    if len(names) < 2 or n <= 0:
+        return []
+    labels = ([1, 0] * ((n + 1) // 2))[:n]
+    rng.shuffle(labels)
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for label in labels:
+        for _ in range(40):
+            a, b = _pair(rng, names)
+            rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
+            holds = relation_holds(scene, a, rel, b, 0, camera)
+            if holds is None:
+                continue
+            if holds != bool(label):
+                rel = CONVERSE[rel]
+            if (a, rel, b) in seen or (b, CONVERSE[rel], a) in seen:
+                continue
+            seen.add((a, rel, b))
+            out.append(SpatialRecord(**_ctx(scene, camera, image, "yesno", len(out)),
+                                     question=prompts.relation_question(a, rel, b),
+                                     answer=prompts.YES if label else prompts.NO, relation=rel, subj=a, obj=b,
+                                     label=label, caption=caption(a, rel, b), meta_category=meta_category(rel)))
+            break
+    return out
+
+
+def _winner(scene: SynthScene, rel: str, names: list[str], camera: int) -> str | None:
+    for a in names:
+        if all(relation_holds(scene, a, rel, b, 0, camera) is True for b in names if b != a):
+            return a
+    return None
+
+
+def choice_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """Superlatives over all objects ("Which object is leftmost?") and two-way choices ("Which is bigger, ...?")."""
+    names = sorted(scene.names)
+    if len(names) < 2:
+        return []
+    out, asked = [], set()
+    for _ in range(n):
+        for _ in range(30):
+            if rng.random() < 0.5 and len(names) >= 3:
+                rel = list(SUPERLATIVES)[int(rng.integers(len(SUPERLATIVES)))]
+                winner = _winner(scene, rel, names, camera)
+                if winner is None or ("sup", rel) in asked:
+                    continue
+                asked.add(("sup", rel))
+                text, phrase = SUPERLATIVES[rel]
+                out.append(SpatialRecord(**_ctx(scene, camera, image, "choice", len(out)),
+                                         question=prompts.choice_question(text, names), answer=winner, choices=list(names),
+                                         relation=rel, subj=winner, label=1, caption=f"The {winner} is {phrase}.",
+                                         meta_category=meta_category(rel)))
+                break
+            rel = list(PAIR_CHOICES)[int(rng.integers(len(PAIR_CHOICES)))]
+            a, b = _pair(rng, names)
+            holds = relation_holds(scene, a, rel, b, 0, camera)
+            if holds is None or (rel, frozenset((a, b))) in asked:
+                continue
+            asked.add((rel, frozenset((a, b))))
+            win, lose = (a, b) if holds else (b, a)
+            out.append(SpatialRecord(**_ctx(scene, camera, image, "choice", len(out)),
+                                     question=prompts.choice_question(PAIR_CHOICES[rel].format(a=a, b=b), [a, b]),
+                                     answer=win, choices=[a, b], relation=rel, subj=win, obj=lose, label=1,
+                                     caption=caption(win, rel, lose), meta_category=meta_category(rel)))
+            break
+    return out
+
+
+def open_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """"What is left of the red cube?" -> the objects for which it clearly holds (sorted by name) or "nothing"."""
+    names = sorted(scene.names)
+    if len(names) < 2:
+        return []
+    out, asked = [], set()
+    for _ in range(n):
+        for _ in range(30):
+            rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
+            ref = names[int(rng.integers(len(names)))]
+            truth = {o: relation_holds(scene, o, rel, ref, 0, camera) for o in names if o != ref}
+            if any(v is None for v in truth.values()) or (rel, ref) in asked:
+                continue
+            asked.add((rel, ref))
+            hits = [o for o, v in truth.items() if v]
+            out.append(SpatialRecord(**_ctx(scene, camera, image, "open", len(out)),
+                                     question=OPEN_QUESTION.format(rel=rel, ref=ref),
+                                     answer=_join(hits) if hits else "nothing", relation=rel, obj=ref,
+                                     meta_category=meta_category(rel)))
+            break
+    return out
+
+
+def quantitative_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """Metric answers ("0.85 m") with the true ``value`` and a relative ``tolerance``."""
+    names = scene.names
+    out, asked = [], set()
+    for _ in range(n):
+        for _ in range(20):
+            kind = list(QUANT_QUESTIONS)[int(rng.integers(len(QUANT_QUESTIONS)))]
+            if kind in ("distance", "ratio"):
+                if len(names) < 2:
+                    continue
+                a, b = _pair(rng, names)
+            else:
+                a, b = names[int(rng.integers(len(names)))], ""
+            if kind == "distance":
+                value, unit = distance(scene, a, b), "m"
+            elif kind == "camera":
+                value, unit = camera_distance(scene, a, 0, camera), "m"
+            elif kind == "height":
+                value, unit = scene.object(a).height, "m"
+            else:
+                value, unit = scene.object(a).size / scene.object(b).size, "times"
+                if relation_holds(scene, a, "bigger than", b) is not True:
+                    continue
+            key = (kind, frozenset((a, b)))
+            if key in asked:
+                continue
+            asked.add(key)
+            out.append(SpatialRecord(**_ctx(scene, camera, image, "quantitative", len(out)),
+                                     question=QUANT_QUESTIONS[kind].format(a=a, b=b),
+                                     answer=f"{format_quantity(value)} {unit}", relation="bigger than" if kind == "ratio" else "",
+                                     subj=a, obj=b, value=round(float(value), 4), unit=unit, tolerance=QUANT_TOLERANCE))
+            break
+    return out
+
+
+def multiframe_records(scene: SynthScene, images: list[str], rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """Questions over all frames of camera 0: which object moved; towards/away from or left/right of the camera."""
+    if scene.num_frames < 2 or scene.motion == "none" or n <= 0:
+        return []
+    last = scene.num_frames - 1
+    names = sorted(scene.names)
+    out = []
+
+    def add(question, answer, choices, subj=""):
+        out.append(SpatialRecord(id=f"synth-{scene.id}-c0-multiframe-{len(out)}", images=list(images), type="multiframe",
+                                 source="synth", question=prompts.choice_question(question, choices), answer=answer,
+                                 choices=list(choices), subj=subj))
+
+    if scene.motion == "object" and len(names) >= 2:
+        add(MOVED_QUESTION, scene.moving, names, scene.moving)
+    candidates = [scene.moving] if scene.motion == "object" else [names[int(i)] for i in rng.permutation(len(names))]
+    for x in candidates:
+        if len(out) >= n:
+            break
+        d = camera_distance(scene, x, last) - camera_distance(scene, x, 0)
+        dx = scene.camera_position(x, last)[0] - scene.camera_position(x, 0)[0]
+        du = scene.pixel(x, last)[0] - scene.pixel(x, 0)[0]
+        if abs(d) >= MOTION_MARGIN_M:
+            add(f"Is the {x} moving towards or away from the camera?", "away" if d > 0 else "towards", ["towards", "away"], x)
+        elif abs(dx) >= MOTION_MARGIN_M and np.sign(dx) == np.sign(du):
+            add(f"Is the {x} moving left or right?", "right" if dx > 0 else "left", ["left", "right"], x)
+    return out[:n]
+
+
+def _moved_copy(scene: SynthScene, name: str, target_world: np.ndarray) -> SynthScene:
+    s = copy.copy(scene)
+    s.objects = [copy.copy(o) for o in scene.objects]
+    for o in s.objects:
+        if o.name == name:
+            o.positions = [np.asarray(target_world, dtype=np.float64)] + list(o.positions[1:])
+    return s
+
+
+def plan_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """"Put the red cube left of the blue sphere." -> pick + place steps grounded in the scene (camera 0, frame 0).
+
+    The place target is beside the reference on the ground, checked free of other objects and verified with
+    ``relation_holds`` after the move; ``detail`` gives camera-frame x (right) and z (forward) in metres.
+    """
+    names = scene.names
+    if len(names) < 2:
+        return []
+    cam = scene.cameras[0][0]
+    right = cam.R[0]
+    fwd = np.array([cam.R[2][0], cam.R[2][1], 0.0])
+    fwd /= np.linalg.norm(fwd)
+    out = []
+    for _ in range(n):
+        for _ in range(30):
+            a, b = _pair(rng, names)
+            rel = PLAN_RELATIONS[int(rng.integers(len(PLAN_RELATIONS)))]
+            if relation_holds(scene, a, rel, b) is True:
+                continue  # nothing to do
+            oa, ob = scene.object(a), scene.object(b)
+            gap = oa.radius + ob.radius + 0.15
+            axis = {"left of": -right, "right of": right, "in front of": -fwd, "behind": fwd}[rel]
+            gap = max(gap, (LATERAL_MARGIN_M if rel in ("left of", "right of") else DEPTH_MARGIN_M) + 0.1)
+            target = ob.positions[0] + axis * gap
+            target[2] = oa.dims[2] / 2  # placed on the ground
+            moved = _moved_copy(scene, a, target)
+            mo = moved.object(a)
+            if any(np.hypot(*(mo.positions[0][:2] - o.positions[0][:2])) < mo.radius + o.radius + 0.05
+                   for o in scene.objects if o.name != a):
+                continue
+            if relation_holds(moved, a, rel, b) is not True or cam.to_camera(target[None])[0][2] < 0.5:
+                continue
+            pa, pt = cam.to_camera(oa.positions[0][None])[0], cam.to_camera(target[None])[0]
+            steps = [
+                {"action": "pick", "target": a, "reference": "", "relation": "", "detail": f"at x={pa[0]:.1f} m, z={pa[2]:.1f} m"},
+                {"action": "place", "target": a, "reference": b, "relation": rel, "detail": f"at x={pt[0]:.1f} m, z={pt[2]:.1f} m"},
+            ]
+            steps = [{k: str(s.get(k, "")) for k in prompts.PLAN_STEP_FIELDS} for s in steps]
+            instruction = PLAN_INSTRUCTION.format(a=a, rel=rel, b=b)
+            out.append(SpatialRecord(id=f"synth-{scene.id}-c0-plan-{len(out)}", images=[image], type="plan", source="synth",
+                                     question=prompts.plan_request(instruction), answer=prompts.plan_answer(steps),
+                                     plan=steps, relation=rel, subj=a, obj=b, caption=caption(a, rel, b),
+                                     meta_category=meta_category(rel)))
+            break
+    return out
+
+
+def describe_answer(names: Sequence[str]) -> str:
+    """Objects sorted by name (i.e. by colour): the order carries no layout information."""
+    names = sorted(names)
+    if len(names) == 1:
+        return f"There is 1 object: {_article(names[0])}."
+    return f"There are {len(names)} objects: {_join([_article(x) for x in names])}."
+
+
+def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kinds: Sequence[str] | None = None,
+                  counts: dict[str, int] | None = None) -> list[SpatialRecord]:
+    """All question records for one scene. ``image_paths[camera][frame]`` as stored (a flat list = camera 0's
+    frames). Single-image kinds are asked of frame 0 of every camera; multiframe and plan use camera 0."""
+    kinds = list(DEFAULT_KINDS if kinds is None else kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown record kind(s) {unknown}; known: {', '.join(KINDS)}")
+    counts = {**DEFAULT_COUNTS, **(counts or {})}
+    paths = [list(image_paths)] if image_paths and isinstance(image_paths[0], str) else [list(p) for p in image_paths]
+    out: list[SpatialRecord] = []
+    for cam, frames in enumerate(paths[: scene.num_cameras]):
+        img = frames[0]
+        if "describe" in kinds and cam == 0:
+            out.append(SpatialRecord(**_ctx(scene, cam, img, "describe", 0), question=DESCRIBE_QUESTION,
+                                     answer=describe_answer(scene.names)))
+        if "count" in kinds and cam == 0:
+            out.append(SpatialRecord(**_ctx(scene, cam, img, "count", 0), question=COUNT_QUESTION,
+                                     answer=str(len(scene.objects)), value=float(len(scene.objects)), unit="objects",
+                                     tolerance=0.0))
+        if "yesno" in kinds:
+            out += yesno_records(scene, cam, img, rng, counts["yesno"])
+        if "choice" in kinds:
+            out += choice_records(scene, cam, img, rng, counts["choice"])
+        if "open" in kinds:
+            out += open_records(scene, cam, img, rng, counts["open"])
+        if "quantitative" in kinds:
+            out += quantitative_records(scene, cam, img, rng, counts["quantitative"])
+    if "plan" in kinds:
+        out += plan_records(scene, paths[0][0], rng, counts["plan"])
+    if "multiframe" in kinds and len(paths[0]) == scene.num_frames:
+        out += multiframe_records(scene, paths[0], rng, counts["multiframe"])
+    return out
