@@ -94,23 +94,34 @@ def _pair(rng: np.random.Generator, names: list[str]) -> tuple[str, str]:
     return names[int(i)], names[int(k)]
 
 
+# Each group is a relation and its converse; groups are drawn uniformly among those with a clear pair, so rare
+# relations (above/below need a floating object) are not drowned by the common ones.
+_GROUPS = ("left of", "above", "in front of", "closer to the camera than", "bigger than")
+
+
 def yesno_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
     """``n`` yes/no relation questions, labels balanced (a shuffled half-yes half-no list)."""
     names = scene.names
     if len(names) < 2 or n <= 0:
         return []
+    clear: dict[str, list[tuple[str, str]]] = {}
+    for g in _GROUPS:
+        pairs = [(a, b) for a in names for b in names if a != b and relation_holds(scene, a, g, b, 0, camera) is not None]
+        if pairs:
+            clear[g] = pairs
+    if not clear:
+        return []
     labels = ([1, 0] * ((n + 1) // 2))[:n]
     rng.shuffle(labels)
     seen: set[tuple[str, str, str]] = set()
     out = []
+    groups = sorted(clear)
     for label in labels:
         for _ in range(40):
-            a, b = _pair(rng, names)
-            rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-            holds = relation_holds(scene, a, rel, b, 0, camera)
-            if holds is None:
-                continue
-            if holds != bool(label):
+            g = groups[int(rng.integers(len(groups)))]
+            a, b = clear[g][int(rng.integers(len(clear[g])))]
+            rel = g if rng.random() < 0.5 else CONVERSE[g]
+            if relation_holds(scene, a, rel, b, 0, camera) != bool(label):
                 rel = CONVERSE[rel]
             if (a, rel, b) in seen or (b, CONVERSE[rel], a) in seen:
                 continue
@@ -350,3 +361,43 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
     if "multiframe" in kinds and len(paths[0]) == scene.num_frames:
         out += multiframe_records(scene, paths[0], rng, counts["multiframe"])
     return out
+
+
+def camera_topic(camera: int) -> tuple[str, bool]:
+    """Bag topic of a synthetic camera and whether it is compressed: cam0 raw rgb8, the others jpeg."""
+    return ("/cam0/image_raw", False) if camera == 0 else (f"/cam{camera}/image_raw/compressed", True)
+
+
+def replay_entries(scene: SynthScene, rng: np.random.Generator, bag_start_ns: int) -> list[dict]:
+    """Entries of a ``phi3v-spatial replay`` questions file for one scene of a synthetic bag.
+
+    Single-frame questions are asked 0.1 s after the scene's first frame (so the replay window's newest frame
+    is frame 0, which the labels describe); multi-frame ones 0.1 s after its last frame with all its frames.
+    """
+    def at(stamp_ns: int) -> float:
+        return round((stamp_ns - bag_start_ns) / 1e9 + 0.1, 3)
+
+    first, last = scene.stamps_ns[0], scene.stamps_ns[-1]
+    base = f"scene{scene.id}"
+    entries: list[dict] = []
+    for cam in range(scene.num_cameras):
+        topic = camera_topic(cam)[0]
+        for r in yesno_records(scene, cam, "", rng, 1):
+            entries.append({"id": f"{base}-c{cam}-ask", "at": at(first), "type": "ask", "question": r.question,
+                            "topics": [topic], "num_frames": 1, "expect": r.answer})
+    if len(scene.objects) >= 2:
+        rels = yesno_records(scene, 0, "", rng, 3)
+        if rels:
+            entries.append({"id": f"{base}-relations", "at": at(first), "type": "relations",
+                            "candidates": [{"subject": r.subj, "relation": r.relation, "object": r.obj} for r in rels],
+                            "topics": [camera_topic(0)[0]], "num_frames": 1,
+                            "expect": [{"subject": r.subj, "relation": r.relation, "object": r.obj, "holds": bool(r.label)}
+                                       for r in rels]})
+        for r in plan_records(scene, "", rng, 1):
+            entries.append({"id": f"{base}-plan", "at": at(first), "type": "plan",
+                            "instruction": PLAN_INSTRUCTION.format(a=r.subj, rel=r.relation, b=r.obj),
+                            "topics": [camera_topic(0)[0]], "num_frames": 1, "expect": r.plan})
+    for j, r in enumerate(multiframe_records(scene, [""] * scene.num_frames, rng, 2)):
+        entries.append({"id": f"{base}-multiframe-{j}", "at": at(last), "type": "ask", "question": r.question,
+                        "topics": [camera_topic(0)[0]], "num_frames": scene.num_frames, "expect": r.answer})
+    return entries

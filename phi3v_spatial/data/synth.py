@@ -85,7 +85,7 @@ def _sample_object(rng: np.random.Generator, colour: str, frames: int) -> SynthO
     dims = shape_dims(shape, size)
     yaw = float(rng.uniform(0.0, np.pi / 2)) if shape == "cube" else 0.0
     x, y = float(rng.uniform(-1.4, 1.4)), float(rng.uniform(1.8, 4.5))
-    elevation = float(rng.uniform(0.3, 0.8)) if rng.random() < 0.25 else 0.0  # some float, so above/below occur
+    elevation = float(rng.uniform(0.3, 0.8)) if rng.random() < 0.3 else 0.0  # some float, so above/below occur
     centre = np.array([x, y, elevation + dims[2] / 2])
     return SynthObject(colour=colour, shape=shape, size=size, positions=[centre.copy() for _ in range(frames)],
                        yaw=yaw, dims=dims)
