@@ -114,6 +114,17 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
         SpatialEngine.from_pretrained(str(tmp_path))
 
 
+def test_unusable_device_settings_are_clear_errors(checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error path needs a CPU-only machine")
+    with pytest.raises(EngineError, match="CUDA is not available"):
+        SpatialEngine.from_pretrained(checkpoint, device="cuda")
+    with pytest.raises(EngineError, match="unknown dtype"):
+        SpatialEngine.from_pretrained(checkpoint, device="cpu", dtype="float8")
+
+
 def test_close_releases_the_model(checkpoint):
     import gc
     import weakref

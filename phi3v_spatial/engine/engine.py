@@ -119,9 +119,12 @@ class SpatialEngine:
         from ..model import Phi3VForCausalLM, Phi3VProcessor
         from ..model.runtime import resolve_attn, resolve_device, resolve_dtype
 
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        attn = resolve_attn(attn_implementation, dev, torch_dtype)
+        try:
+            dev = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, dev)
+            attn = resolve_attn(attn_implementation, dev, torch_dtype)
+        except (RuntimeError, ValueError, ImportError) as e:
+            raise EngineError(f"device/dtype/attention settings cannot be used here: {e}") from e
         try:
             processor = Phi3VProcessor.from_pretrained(model_path, **({"num_crops": num_crops} if num_crops else {}))
             model = Phi3VForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype, attn_implementation=attn)
