@@ -86,8 +86,8 @@ def test_plan_from_a_random_model_fails_with_a_reason(engine):
     [
         ([], "no images"),
         ([np.zeros((0, 10, 3), np.uint8)], "empty"),
-        ([np.zeros((10, 10), np.uint8)], "RGB"),
-        ([np.zeros((10, 10, 3), np.float32)], "uint8"),
+        ([np.zeros((10, 10, 2), np.uint8)], "image 0: expected an HxWx3"),
+        ([np.zeros((4, 4, 3), np.uint8), np.zeros((10, 10, 3), np.int32)], "image 1: expected uint8"),
         ([np.zeros((5000, 5000, 3), np.uint8)], "max_image_pixels"),
     ],
 )

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import prompts
+from .images import ImageDecodeError, validate_image
 from .parsing import PlanParseError, Relation, parse_plan, relation_from_question, relations_from_text
 
 OnText = Callable[[str, int], None]
@@ -58,23 +59,13 @@ class _Generation:
 
 
 def validate_images(images: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[np.ndarray]:
-    """RGB uint8 HxWx3 arrays of a sane size, or an ``EngineError`` that says which image is wrong and why."""
-    if not images:
+    """RGB uint8 HxWx3 arrays of a sane size (see ``images.validate_image``), or an ``EngineError`` naming the image."""
+    if images is None or len(images) == 0:
         raise EngineError("no images: give images in the request or make sure the camera topics are publishing")
-    out = []
-    for i, img in enumerate(images):
-        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
-            shape = getattr(img, "shape", None)
-            raise EngineError(f"image {i}: expected an RGB array of shape (H, W, 3), got {shape}")
-        h, w = img.shape[:2]
-        if h == 0 or w == 0:
-            raise EngineError(f"image {i} is empty ({w}x{h})")
-        if h * w > max_pixels:
-            raise EngineError(f"image {i} is {w}x{h} = {h * w} pixels, above the limit of {max_pixels} (max_image_pixels)")
-        if img.dtype != np.uint8:
-            raise EngineError(f"image {i}: expected uint8 pixels, got {img.dtype}")
-        out.append(np.ascontiguousarray(img))
-    return out
+    try:
+        return [validate_image(img, max_pixels=max_pixels, name=f"image {i}") for i, img in enumerate(images)]
+    except ImageDecodeError as e:
+        raise EngineError(str(e)) from e
 
 
 def _looks_like_local_path(model_path: str) -> bool:
