@@ -21,7 +21,7 @@ OFFICIAL_TOKENIZER_DIR = os.path.join(SHARED_DIR, "phi3v-tokenizer")
 OFFICIAL_CONFIGS_DIR = os.path.join(SHARED_DIR, "phi3v-configs")
 
 # Shared fixtures live in test/fixtures/<concern>.py and are registered here.
-pytest_plugins = ["fixtures.model"]
+pytest_plugins = ["fixtures.model", "fixtures.ros"]
 
 
 @pytest.fixture(scope="session")
