@@ -187,6 +187,7 @@ class FrameReader:
         self._stamps: list[int | None] | None = None
         self.first_stamp_ns: int | None = None
         self.last_stamp_ns: int | None = None
+        self.zero_stamp_topics: set[str] = set()
 
     def _bar(self, desc: str):
         from tqdm import tqdm
@@ -205,7 +206,11 @@ class FrameReader:
                     for conn, log_ns, raw in self.reader.messages(connections=self.conns):
                         last_log = log_ns
                         try:
-                            stamps.append(header_stamp_ns(raw))
+                            stamp = header_stamp_ns(raw)
+                            if stamp == 0:  # as the node does: an unstamped camera gets the receive (recording) time
+                                self.zero_stamp_topics.add(conn.topic)
+                                stamp = log_ns
+                            stamps.append(stamp)
                         except (ValueError, struct.error, IndexError) as e:
                             stamps.append(None)
                             self.report.skip(f"bag {self.info.path!r}, topic {conn.topic}, recorded at "

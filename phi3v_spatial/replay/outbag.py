@@ -58,22 +58,22 @@ def answer_messages(ts, results: list[dict], node: str = "/spatial_node"):
     Step = ts.types[f"{IFACE}/msg/PlanStep"]
     out = []
     for r in results:
-        if "time" not in r or not r.get("frame_stamps"):
-            continue  # never reached the model (no frames / bad entry): the node publishes nothing either
+        if "time" not in r:
+            continue  # a malformed entry: never sent to the node
         log_ns = r["time"]["stamp_ns"]
-        newest = max(f["stamp_ns"] for f in r["frame_stamps"])
-        common = dict(header=Header(stamp=_time(ts, newest), frame_id=""),
-                      frame_stamps=[_time(ts, f["stamp_ns"]) for f in r["frame_stamps"]],
-                      image_topics=[f["topic"] for f in r["frame_stamps"]], latency_s=float(r.get("latency_s", 0.0)))
+        stamps = [f["stamp_ns"] for f in r.get("frame_stamps", [])]
+        common = dict(header=Header(stamp=_time(ts, max(stamps, default=0)), frame_id=""),
+                      frame_stamps=[_time(ts, s) for s in stamps],
+                      image_topics=list(r.get("topics", []) if stamps else []), latency_s=float(r.get("latency_s", 0.0)))
         if r["type"] in ("ask", "relations"):
             if r.get("error"):
-                continue
+                continue  # the node publishes answered requests only
             rels = [Rel(subject=x["subject"], relation=x["relation"], object=x["object"], holds=bool(x["holds"]),
                         probability=float(x["probability"])) for x in r.get("relations", [])]
-            msg = ts.types[RELATIONS_TYPE](question=r.get("question", ""), answer=r.get("answer", ""), relations=rels,
-                                           **common)
+            msg = ts.types[RELATIONS_TYPE](question=r.get("question", "") if r["type"] == "ask" else "",
+                                           answer=r.get("answer", ""), relations=rels, **common)
             out.append((f"{node}/relations", RELATIONS_TYPE, log_ns, msg))
-        elif r["type"] == "plan":
+        elif r["type"] == "plan":  # the node publishes every finished goal, failed ones included
             steps = [Step(**{k: str(s.get(k, "")) for k in ("action", "target", "reference", "relation", "detail")})
                      for s in r.get("steps", [])]
             msg = ts.types[PLAN_TYPE](instruction=r.get("instruction", ""), steps=steps, raw_text=r.get("raw_text", ""),

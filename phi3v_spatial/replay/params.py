@@ -10,24 +10,58 @@ from dataclasses import dataclass, field
 
 NODE_NAME = "spatial_node"
 
-# The node's defaults for the parameters replay uses (see phi3v_spatial/ros/node.py); a file overrides them.
-DEFAULTS = {
-    "image_topics": [],
-    "window.num_frames": 1,
-    "window.min_interval_s": 0.0,
-    "window.max_age_s": 2.0,
-    "window.capacity": 8,
-    "max_image_pixels": 4096 * 4096,
-    "generation.max_new_tokens": 128,
-    "plan.max_new_tokens": 256,
-    "model_path": "",
-    "adapters": [],
-    "active_adapter": "",
-    "device": "auto",
-    "dtype": "auto",
-    "attn_implementation": "auto",
-    "num_crops": 0,
-}
+COMPRESSED_SUFFIX = ":compressed"
+RAW_SUFFIX = ":raw"
+
+
+def _default_adapters() -> list[str]:
+    from .. import paths
+
+    d = paths.default_adapter_dir()
+    return [f"{paths.EMBEDDED_ADAPTER_NAME}={d}"] if os.path.isdir(d) else []
+
+
+def node_defaults() -> dict:
+    """The node's declared defaults for the parameters replay uses (phi3v_spatial/ros/node.py, kept in step
+    by test_replay_live, which reads them back from a running node).
+
+    One deliberate difference: without an ``image_topics`` entry in the file, replay plays every image topic
+    of the bag instead of the node's ``/camera/image_raw``.
+    """
+    from .. import paths
+
+    adapters = _default_adapters()
+    return {
+        "image_topics": [],
+        "window.num_frames": 1,
+        "window.min_interval_s": 0.5,
+        "window.max_age_s": 2.0,
+        "window.capacity": 8,
+        "max_image_pixels": 4096 * 4096,
+        "generation.max_new_tokens": 128,
+        "plan.max_new_tokens": 256,
+        "model_path": "",
+        "adapters": adapters,
+        "active_adapter": paths.EMBEDDED_ADAPTER_NAME if adapters else "",
+        "device": "auto",
+        "dtype": "auto",
+        "attn_implementation": "auto",
+        "num_crops": 0,
+    }
+
+
+def resolve_topic(spec: str, node_name: str = NODE_NAME, namespace: str = "/") -> str:
+    """A topic as the node resolves an ``image_topics`` entry: ':compressed'/':raw' dropped, made absolute."""
+    spec = str(spec).strip()
+    for suffix in (COMPRESSED_SUFFIX, RAW_SUFFIX):
+        if spec.endswith(suffix):
+            spec = spec[: -len(suffix)]
+    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    if spec.startswith("~"):
+        spec = f"{ns}/{node_name}" + spec[1:]
+    elif not spec.startswith("/"):
+        spec = f"{ns}/{spec}"
+    return "/" + "/".join(x for x in spec.split("/") if x)
 
 
 class ParamsError(Exception):
@@ -78,7 +112,7 @@ def load_node_params(path: str | os.PathLike | None, node_name: str = NODE_NAME)
 
 
 def parse_adapters(value) -> dict[str, str]:
-    """The ``adapters`` parameter: a list of ``name=path`` (or bare paths, named after their folder)."""
+    """The ``adapters`` parameter: a list of ``name=path`` (replay also takes bare paths, named after their folder)."""
     if not value:
         return {}
     if isinstance(value, dict):
@@ -118,13 +152,14 @@ class ReplaySettings:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     num_crops: int = 0
+    adapters_from_file: bool = False
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
-        p = {**DEFAULTS, **params}
+        p = {**node_defaults(), **params}
         try:
-            return cls(
-                image_topics=[str(t) for t in (p["image_topics"] or []) if str(t)],
+            settings = cls(
+                image_topics=[resolve_topic(t) for t in (p["image_topics"] or []) if str(t).strip()],
                 num_frames=int(p["window.num_frames"]),
                 min_interval_s=float(p["window.min_interval_s"]),
                 max_age_s=float(p["window.max_age_s"]),
@@ -142,6 +177,14 @@ class ReplaySettings:
             )
         except (TypeError, ValueError) as e:
             raise ParamsError(f"parameters from {source}: {e}") from None
+        settings.adapters_from_file = "adapters" in params
+        return settings
+
+    def check(self) -> None:
+        """The node's configure-time check: the active adapter must be one of the loaded ones."""
+        active = self.active_adapter.strip()
+        if active and active.lower() != "none" and active not in self.adapters:
+            raise ParamsError(f"active_adapter {active!r} is not among the adapters ({list(self.adapters) or 'none'})")
 
     def window_kwargs(self) -> dict:
         return {"num_frames": self.num_frames, "min_interval_s": self.min_interval_s,

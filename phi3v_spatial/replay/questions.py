@@ -113,7 +113,7 @@ def _relation(item, what: str, need_holds: bool = False) -> Relation:
     extra = set(item) - {"subject", "relation", "object", "holds", "probability"}
     if extra:
         raise ValueError(f"{what} has unknown key(s) {', '.join(sorted(extra))}")
-    holds = item.get("holds", False)
+    holds = item.get("holds", None if need_holds else False)
     if need_holds and not isinstance(holds, bool):
         raise ValueError(f"{what} needs 'holds: true' or 'holds: false', got {holds!r}")
     return Relation(str(item["subject"]), str(item["relation"]), str(item["object"]), holds=bool(holds))

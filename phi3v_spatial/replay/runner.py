@@ -18,7 +18,7 @@ from ..engine.images import ImageDecodeError
 from ..engine.parsing import Relation
 from ..engine.window import FrameWindow, WindowError
 from .bag import NS, BagError, BagInfo, FrameReader, bag_info, choose_topics, fmt_time, open_reader
-from .params import ReplaySettings
+from .params import ReplaySettings, resolve_topic
 from .questions import Question, resolve_at
 from .scoring import score, summarize
 
@@ -96,6 +96,8 @@ class Replayer:
             report = frames.report
             if report.fatal:
                 warn(report.fatal)
+            for t in sorted(frames.zero_stamp_topics):
+                warn(f"bag {bag_path!r}: camera {t} has header.stamp = 0; using the recording time instead (as the node does)")
             if frames.first_stamp_ns is not None and abs(frames.first_stamp_ns - info.start_ns) > CLOCK_MISMATCH_WARN_S * NS:
                 warn(f"bag {bag_path!r}: the first header stamp ({fmt_time(frames.first_stamp_ns)}) is "
                      f"{(frames.first_stamp_ns - info.start_ns) / NS:+.1f} s from the recording start "
@@ -176,14 +178,15 @@ class Replayer:
         at_end = resolve_at(q.at, 0) is None  # the true end of a damaged bag is unknown
         if rep.fatal and (at_end or rep.fatal_after_ns is None or now_ns > rep.fatal_after_ns):
             raise _Unanswerable(f"{where}: cannot answer: {rep.fatal}")
-        for t in q.topics:
+        topics = [resolve_topic(t) for t in q.topics]  # as the node resolves a request's image_topics
+        for t in topics:
             if t in ctx.problems:
                 raise _Unanswerable(f"{where}: {ctx.problems[t]}")
             if t not in ctx.window.topics:
                 raise _Unanswerable(f"{where}: camera topic {t} is not replayed (replayed: "
                                     f"{', '.join(ctx.window.topics) or 'none'}; choose with --topics or image_topics)")
         try:
-            sel = ctx.window.select(q.topics or None, q.num_frames or None, now_ns)
+            sel = ctx.window.select(topics or None, q.num_frames or None, now_ns)
         except WindowError as e:
             first = ctx.info.start_ns
             raise _Unanswerable(f"{where} ({(now_ns - first) / NS:+.3f} s from the bag start): {e}") from None
@@ -205,7 +208,8 @@ class Replayer:
             else:
                 r = self.engine.plan(q.instruction, images,
                                      max_new_tokens=q.max_new_tokens or self.settings.plan_max_new_tokens)
-                out.update(steps=r.steps, raw_text=r.raw_text, tokens_generated=r.tokens_generated, error=r.error)
+                out.update(steps=r.steps, raw_text=r.raw_text, tokens_generated=r.tokens_generated,
+                           error=r.error and f"could not parse a plan from the model output: {r.error}")  # as the node says
         except EngineError as e:
             out["error"] = f"{where}: {e}"
         out["latency_s"] = time.perf_counter() - t0

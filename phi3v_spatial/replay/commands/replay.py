@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace):
     """Node parameters from --params, then the CLI's overrides; model/adapters default like the node's."""
-    from ...paths import default_adapter_dir, default_model_dir
+    from ...paths import default_model_dir
     from ..params import ReplaySettings, load_node_params
 
     settings = ReplaySettings.from_params(load_node_params(args.params or None), args.params or "defaults")
@@ -55,18 +55,16 @@ def resolve_settings(args: argparse.Namespace):
         settings.dtype = args.dtype
     if args.model:
         settings.model_path = args.model
-        settings.adapters, settings.active_adapter = {}, ""
+        if not settings.adapters_from_file:  # the embedded adapter belongs to the embedded model only
+            settings.adapters, settings.active_adapter = {}, ""
     if args.adapter:
         settings.adapters = {os.path.basename(os.path.normpath(a)) or f"adapter{i}": a for i, a in enumerate(args.adapter)}
         settings.active_adapter = list(settings.adapters)[-1]
     if not settings.model_path:
         settings.model_path = default_model_dir()
-        if not settings.adapters and os.path.isdir(default_adapter_dir()):
-            settings.adapters = {"spatial": default_adapter_dir()}
     if args.no_adapter:
         settings.adapters, settings.active_adapter = {}, ""
-    if settings.adapters and not settings.active_adapter:
-        settings.active_adapter = list(settings.adapters)[-1]
+    settings.check()
     return settings
 
 
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ...engine.engine import EngineError
     from ..bag import BagError
     from ..outbag import write_out_bag
-    from ..params import ParamsError
+    from ..params import ParamsError, resolve_topic
     from ..questions import QuestionsError, load_questions
     from ..runner import Replayer
     from ..scoring import format_summary
@@ -114,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    outcome = Replayer(engine, settings, progress=not args.no_progress).run(args.bag, questions, topics=args.topics)
+    topics = [resolve_topic(t) for t in args.topics] if args.topics else None
+    outcome = Replayer(engine, settings, progress=not args.no_progress).run(args.bag, questions, topics=topics)
     out = args.out or os.path.splitext(args.questions)[0] + ".results.jsonl"
     write_results(outcome.results, out)
 
