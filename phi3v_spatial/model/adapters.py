@@ -166,6 +166,9 @@ class AdapterManager:
             raise AdapterError(f"unknown adapter {name!r}; loaded: {self.available or 'none'}")
         if self._active == name:
             self.activate(None)
+        others = [n for n in self._paths if n != name]
+        if others:  # peft warns when the adapter it tracks as active is deleted
+            self._peft.base_model.set_adapter(others[0])
         self._peft.delete_adapter(name)
         del self._paths[name]
         self._apply()

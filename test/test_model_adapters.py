@@ -1,0 +1,123 @@
+"""AdapterManager: several LoRA adapters on one model; on/off/scale/merge change and restore the logits."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from phi3v_spatial.model.adapters import (DEFAULT_LORA_TARGETS, VISION_LORA_TARGETS, AdapterError, AdapterManager,
+                                          lora_config)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model, tmp_path_factory):
+    """Two random (non-zero) LoRA adapters saved with peft: LM-only and LM+vision."""
+    from peft import get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for seed, (name, vision) in enumerate((("spatial", False), ("vision", True))):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(tiny_model), lora_config(r=4, include_vision=vision,
+                                                                          init_lora_weights=False))
+        peft_model.save_pretrained(str(root / name))
+        dirs[name] = str(root / name)
+    return dirs
+
+
+@pytest.fixture
+def inputs(tiny_model):
+    cfg = tiny_model.config
+    n = cfg.num_image_tokens(1, 1)
+    ids = torch.tensor([[1, 32010, 29871, 13] + [-1] * n + [1, 29871, 13, 450, 32007, 29871, 13, 32001]])
+    pix = torch.randn(1, 3, 3, cfg.crop_size, cfg.crop_size, generator=torch.Generator().manual_seed(1))
+    return dict(input_ids=ids, pixel_values=pix, image_sizes=torch.tensor([[cfg.crop_size, cfg.crop_size]]))
+
+
+def test_targets():
+    assert DEFAULT_LORA_TARGETS == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert {"q_proj", "fc1", "img_projection.0", "img_projection.2"} <= set(VISION_LORA_TARGETS)
+
+
+@torch.no_grad()
+def test_on_off_scale_merge(tiny_model, adapter_dirs, inputs):
+    model = copy.deepcopy(tiny_model)
+    base = model(**inputs).logits
+    mgr = AdapterManager(model)
+    mgr.load("spatial", adapter_dirs["spatial"])
+    mgr.load("vision", adapter_dirs["vision"])
+    assert mgr.available == ["spatial", "vision"] and mgr.active == ""
+    assert torch.equal(model(**inputs).logits, base)  # loading does not activate
+
+    mgr.activate("spatial")
+    spatial = model(**inputs).logits
+    assert mgr.active == "spatial" and (spatial - base).abs().max() > 1e-2
+    mgr.activate("vision")
+    vision = model(**inputs).logits
+    assert (vision - spatial).abs().max() > 1e-2 and (vision - base).abs().max() > 1e-2
+
+    mgr.activate(None)
+    assert mgr.active == "" and torch.equal(model(**inputs).logits, base)  # disabled = exactly the base model
+    mgr.activate("spatial")
+    assert torch.equal(model(**inputs).logits, spatial)  # and back exactly
+
+    mgr.activate("spatial", scale=0.0)
+    assert torch.allclose(model(**inputs).logits, base, atol=1e-6)
+    mgr.activate("spatial", scale=0.5)
+    half = model(**inputs).logits
+    assert (half - base).abs().max() > 1e-3 and (half - spatial).abs().max() > 1e-3
+
+    mgr.activate("spatial")
+    mgr.merge()
+    assert mgr.merged
+    tol = 1e-4 * spatial.abs().max()
+    assert (model(**inputs).logits - spatial).abs().max() <= tol
+    mgr.activate(None)  # unmerges
+    assert not mgr.merged and (model(**inputs).logits - base).abs().max() <= tol
+    mgr.activate("vision")
+    assert (model(**inputs).logits - vision).abs().max() <= tol
+
+    mgr.unload("vision")
+    assert mgr.available == ["spatial"] and mgr.active == ""
+    assert (model(**inputs).logits - base).abs().max() <= tol
+
+
+def test_errors_name_the_problem(tiny_model, adapter_dirs, tmp_path):
+    mgr = AdapterManager(copy.deepcopy(tiny_model))
+    with pytest.raises(AdapterError, match="does not exist"):
+        mgr.load("x", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        mgr.load("x", str(tmp_path / "empty"))
+    (tmp_path / "noweights").mkdir()
+    with open(adapter_dirs["spatial"] + "/adapter_config.json") as f:
+        cfg = json.load(f)
+    with open(tmp_path / "noweights" / "adapter_config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(AdapterError, match="no adapter weights"):
+        mgr.load("x", str(tmp_path / "noweights"))
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "adapter_config.json").write_text("{nope")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        mgr.load("x", str(tmp_path / "badjson"))
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        mgr.activate("ghost")
+    with pytest.raises(AdapterError, match="no adapter is active"):
+        mgr.merge()
+    mgr.load("spatial", adapter_dirs["spatial"])
+    with pytest.raises(AdapterError, match="already loaded"):
+        mgr.load("spatial", adapter_dirs["spatial"])
+
+
+def test_adapter_for_another_model_is_rejected(tiny_model, tmp_path):
+    """An adapter whose target modules do not exist in this model fails with AdapterError."""
+    from peft import LoraConfig, get_peft_model
+
+    other = torch.nn.Sequential()
+    other.add_module("foo_proj", torch.nn.Linear(4, 4))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["foo_proj"])).save_pretrained(str(tmp_path / "other"))
+    assert os.path.isfile(tmp_path / "other" / "adapter_config.json")
+    mgr = AdapterManager(copy.deepcopy(tiny_model))
+    with pytest.raises(AdapterError, match="does not fit this model"):
+        mgr.load("other", str(tmp_path / "other"))
