@@ -130,3 +130,25 @@ def test_cleanup_releases_the_engine_in_process(tiny_model_dir, official_tokeniz
         assert model_ref() is None
     finally:
         node.destroy_node()
+
+
+def test_shipped_params_file_lists_every_parameter(repo_root, ros_context):
+    """config/spatial_node.yaml documents every parameter the node declares, and its values are accepted."""
+    import yaml
+    from rclpy.parameter import Parameter
+
+    from phi3v_spatial.ros.node import SpatialNode
+
+    path = f"{repo_root}/config/spatial_node.yaml"
+    text = open(path).read()
+    values = yaml.safe_load(text)["spatial_node"]["ros__parameters"]
+    node = SpatialNode(context=ros_context, parameter_overrides=[Parameter("autostart", value=False)])
+    try:
+        for name in node._param_names:
+            assert f"{name}:" in text, f"{name} is not documented in {path}"
+        settable = {k: v for k, v in values.items() if k in node._param_names and k not in (
+            "model_path", "device", "dtype", "attn_implementation", "num_crops", "autostart")}
+        results = node.set_parameters([Parameter(k, value=v) for k, v in settable.items()])
+        assert all(r.successful for r in results), [(k, r.reason) for k, r in zip(settable, results)]
+    finally:
+        node.destroy_node()
