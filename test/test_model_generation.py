@@ -149,3 +149,18 @@ def test_peft_lora_training_step(tiny_model, batch):
     assert trainable and all("lora_" in n for n in trainable)
     assert any("img_projection" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items())
     assert any("qkv_proj" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items())
+
+
+@torch.no_grad()
+def test_left_padded_batch_generation_matches_single_rows(tiny_model, tiny_processor):
+    """Two prompts with different image counts/sizes, left padded: each row generates what it generates alone."""
+    p = tiny_processor
+    rng = np.random.default_rng(0)
+    a = p(p.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhere?"}]),
+          [rng.integers(0, 255, (60, 200, 3), dtype=np.uint8)])
+    b = p(p.apply_chat_template([{"role": "user", "content": "<|image_1|>\n<|image_2|>\nIs the cup left of the plate?"}]),
+          [rng.integers(0, 255, (300, 90, 3), dtype=np.uint8), rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)])
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    singles = [tiny_model.generate(**x, **kw)[0, -5:].tolist() for x in (a, b)]
+    both = tiny_model.generate(**p.collate([a, b], padding_side="left"), **kw)[:, -5:].tolist()
+    assert both == singles
