@@ -226,3 +226,13 @@ def test_random_checkpoints_are_seeded(tmp_path):
     sa, sb, sc = (load_file(os.path.join(d, "model-00001-of-00002.safetensors")) for d in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_image_dim_out_follows_the_tower_when_absent():
+    raw = tiny_config_dict()
+    raw["img_processor"].pop("image_dim_out")
+    cfg = Phi3VConfig(**raw)
+    assert cfg.image_dim_out == cfg.clip_vision_config().hidden_size == 32
+    raw["img_processor"]["image_dim_out"] = 48
+    with pytest.raises(ValueError, match="image_dim_out=48"):
+        Phi3VConfig(**raw)

@@ -31,8 +31,8 @@ DEFAULT_EMBD_LAYER = {
     "embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
     "use_hd_transform": True, "with_learnable_separator": True,
 }
-DEFAULT_IMG_PROCESSOR = {
-    "image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336", "name": "clip_vision_model",
+DEFAULT_IMG_PROCESSOR = {  # image_dim_out defaults to the tower's hidden size (1024 for ViT-L)
+    "model_name": "openai/clip-vit-large-patch14-336", "name": "clip_vision_model",
     "num_img_tokens": 144,
 }
 
