@@ -1,0 +1,233 @@
+"""``make demo``: start spatial_node as its own process, feed it two cameras, and ask it things.
+
+What it shows, end to end on a real ROS graph: the node started through its console script with a params
+file, a raw camera and a compressed camera publishing a synthetic 3D scene, ``~/ask``, ``~/query_relations``
+and the ``~/plan`` action with streamed feedback, each answer printed next to the scene's ground truth.
+DDS discovery stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) on a random ROS_DOMAIN_ID.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+FRONT = "/demo/front/image_raw"              # sensor_msgs/Image (rgb8)
+SIDE = "/demo/side/image_raw/compressed"     # sensor_msgs/CompressedImage (jpeg)
+NODE = "/spatial_node"
+
+
+def _banner(text: str) -> None:
+    line = "=" * 78
+    print(f"\n{line}\n{text}\n{line}", flush=True)
+
+
+def _pick_model(workdir: str) -> tuple[dict, bool]:
+    """The embedded model if present, else a freshly built tiny *random* checkpoint (returns params, is_random)."""
+    from phi3v_spatial import paths
+
+    model_dir = paths.default_model_dir()
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        params = {"model_path": model_dir}
+        if os.path.isdir(paths.default_adapter_dir()):
+            params.update(adapters=[f"{paths.EMBEDDED_ADAPTER_NAME}={paths.default_adapter_dir()}"],
+                          active_adapter=paths.EMBEDDED_ADAPTER_NAME)
+        return params, False
+    from phi3v_spatial.model.tiny import save_random_checkpoint
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tok = os.path.join(os.path.dirname(repo), "shared", "phi3v-tokenizer")
+    tok = tok if os.path.isfile(os.path.join(tok, "tokenizer.json")) else None
+    out = save_random_checkpoint(os.path.join(workdir, "tiny-random"), tok, seed=0)
+    return {"model_path": out or os.path.join(workdir, "tiny-random"), "adapters": [], "active_adapter": ""}, True
+
+
+def _start_node(params: dict, workdir: str) -> tuple[subprocess.Popen, str]:
+    import yaml
+
+    pfile = os.path.join(workdir, "spatial_node_params.yaml")
+    with open(pfile, "w") as f:
+        yaml.safe_dump({"spatial_node": {"ros__parameters": params}}, f)
+    log = os.path.join(workdir, "spatial_node.log")
+    exe = os.path.join(os.path.dirname(sys.executable), "spatial_node")
+    cmd = [exe, "--ros-args", "--params-file", pfile]
+    print(f"starting: {' '.join(cmd)}\n  (node log: {log})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    return proc, log
+
+
+def _tail(path: str, n: int = 40) -> str:
+    try:
+        return "".join(open(path, errors="replace").readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def main() -> int:
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["ROS_DOMAIN_ID"] = os.environ.get("PHI3V_DEMO_DOMAIN_ID") or str(random.SystemRandom().randint(10, 99))
+    print(f"ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}", flush=True)
+
+    import rclpy
+    from lifecycle_msgs.srv import GetState
+    from rclpy.action import ActionClient
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from phi3v_spatial.data.synth import make_scene, relation_holds
+    from phi3v_spatial.ros.messages import compressed_msg, image_msg
+    from phi3v_spatial_interfaces.action import Plan
+    from phi3v_spatial_interfaces.msg import ObjectRelation
+    from phi3v_spatial_interfaces.srv import AskSpatial, QueryRelations
+
+    workdir = tempfile.mkdtemp(prefix="phi3v_demo_")
+    model_params, is_random = _pick_model(workdir)
+    if is_random:
+        _banner("NOTE: the embedded model (models/phi3v-spatial-tiny) is not built, so this demo runs a RANDOM\n"
+                "tiny checkpoint built just now. Its answers are MEANINGLESS; only the plumbing is real.\n"
+                "Build the embedded model with `make embedded` for meaningful answers.")
+    else:
+        print(f"model: {model_params['model_path']} (adapter: {model_params.get('active_adapter') or 'none'})")
+
+    params = {**model_params, "image_topics": [FRONT, SIDE], "window.num_frames": 1, "window.max_age_s": 5.0,
+              "generation.max_new_tokens": 32, "plan.max_new_tokens": 96, "request_timeout_s": 300.0}
+    proc, log = _start_node(params, workdir)
+
+    scene = make_scene(seed=7, num_objects=3, cameras=2, size=(320, 240))
+    names = scene.names
+    print(f"scene: {', '.join(names)}; camera 0 -> {FRONT} (raw rgb8), camera 1 -> {SIDE} (jpeg)")
+
+    rclpy.init()
+    node = rclpy.create_node("spatial_demo")
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    stop = threading.Event()
+    rc = 1
+    try:
+        pub_front = node.create_publisher(Image, FRONT, qos_profile_sensor_data)
+        pub_side = node.create_publisher(CompressedImage, SIDE, qos_profile_sensor_data)
+
+        def cameras():
+            while not stop.is_set():
+                now = node.get_clock().now().nanoseconds
+                pub_front.publish(image_msg(scene.images[0][0], "rgb8", now, "front"))
+                pub_side.publish(compressed_msg(scene.images[1][0], "jpeg", now, "side"))
+                stop.wait(0.2)
+
+        threading.Thread(target=cameras, daemon=True).start()
+
+        def call(srv_type, name, req, timeout=300.0):
+            cli = node.create_client(srv_type, name)
+            if not cli.wait_for_service(timeout_sec=30.0):
+                raise RuntimeError(f"service {name} did not appear")
+            fut = cli.call_async(req)
+            done = threading.Event()
+            fut.add_done_callback(lambda f: done.set())
+            if not done.wait(timeout):
+                raise RuntimeError(f"{name}: no answer in {timeout} s")
+            return fut.result()
+
+        print("waiting for the node to load the model and become active ...", flush=True)
+        end = time.monotonic() + 300
+        state = ""
+        while state != "active":
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"spatial_node did not become active (state {state!r}); log tail:\n{_tail(log)}")
+            try:
+                state = call(GetState, f"{NODE}/get_state", GetState.Request(), 10).current_state.label
+            except RuntimeError:
+                state = ""
+            time.sleep(0.3)
+        print("spatial_node is active", flush=True)
+
+        a, b = names[0], names[1]
+        _banner("~/ask (front camera)")
+        for rel in ("left of", "closer to the camera than"):
+            q = f"Is the {a} {rel} the {b}?"
+            for _ in range(50):  # the first frames may still be on their way
+                res = call(AskSpatial, f"{NODE}/ask", AskSpatial.Request(question=q, image_topics=[FRONT]))
+                if res.success or "no frames" not in res.error:
+                    break
+                time.sleep(0.2)
+            truth = relation_holds(scene, a, rel, b, camera=0)
+            truth_s = "ambiguous" if truth is None else ("yes" if truth else "no")
+            out = repr(res.answer) if res.success else f"ERROR: {res.error}"
+            print(f"Q: {q}\n   model: {out}   ground truth: {truth_s}   ({res.latency_s:.2f} s)")
+
+        _banner("~/query_relations (front camera; P(yes) from the yes/no token probabilities)")
+        cands = [(names[i], rel, names[j]) for i in range(len(names)) for j in range(len(names)) if i != j
+                 for rel in ("left of", "behind")][:6]
+        res = call(QueryRelations, f"{NODE}/query_relations", QueryRelations.Request(
+            candidates=[ObjectRelation(subject=s, relation=r, object=o) for s, r, o in cands], image_topics=[FRONT]))
+        if not res.success:
+            print(f"ERROR: {res.error}")
+        for r in res.relations:
+            truth = relation_holds(scene, r.subject, r.relation, r.object, camera=0)
+            truth_s = "ambiguous" if truth is None else str(truth).lower()
+            print(f"  {r.subject} {r.relation} {r.object}: P={r.probability:.3f} holds={str(r.holds).lower():5}  "
+                  f"ground truth: {truth_s}")
+
+        _banner("~/plan action (both cameras; feedback streamed)")
+        instruction = f"put the {a} next to the {b}"
+        client = ActionClient(node, Plan, f"{NODE}/plan")
+        if not client.wait_for_server(timeout_sec=30):
+            raise RuntimeError("the ~/plan action server did not appear")
+        last = [0]
+
+        def on_feedback(msg):
+            fb = msg.feedback
+            if fb.stage == "generating":
+                if fb.tokens_generated - last[0] >= 8:
+                    last[0] = fb.tokens_generated
+                    print(f"  [{fb.tokens_generated:3d} tokens] {fb.partial_text[-70:]!r}", flush=True)
+            else:
+                print(f"  [{fb.stage}]" + (f" queue position {fb.queue_position}" if fb.queue_position else ""), flush=True)
+
+        print(f"instruction: {instruction}")
+        done = threading.Event()
+        holder = {}
+
+        def on_goal(fut):
+            holder["handle"] = fut.result()
+            holder["handle"].get_result_async().add_done_callback(lambda f: (holder.update(result=f.result()), done.set()))
+
+        client.send_goal_async(Plan.Goal(instruction=instruction), feedback_callback=on_feedback).add_done_callback(on_goal)
+        if not done.wait(600):
+            raise RuntimeError("plan: no result")
+        result = holder["result"].result
+        if result.success:
+            print(f"plan ({result.latency_s:.2f} s):")
+            for i, s in enumerate(result.steps, 1):
+                print(f"  {i}. {s.action} {s.target}" + (f" {s.relation} {s.reference}" if s.reference else "")
+                      + (f" ({s.detail})" if s.detail else ""))
+        else:
+            print(f"no plan: {result.error}\n  raw text: {result.raw_text[:200]!r}")
+        if is_random:
+            print("\n(REMINDER: random model - the answers above are meaningless; the ground truth is real.)")
+        rc = 0
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a demo reports and exits
+        print(f"demo failed: {exc}", file=sys.stderr)
+    finally:
+        stop.set()
+        executor.shutdown(timeout_sec=5)
+        node.destroy_node()
+        rclpy.try_shutdown()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(f"spatial_node exited with {proc.returncode}; log: {log}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
