@@ -236,3 +236,20 @@ def test_image_dim_out_follows_the_tower_when_absent():
     raw["img_processor"]["image_dim_out"] = 48
     with pytest.raises(ValueError, match="image_dim_out=48"):
         Phi3VConfig(**raw)
+
+
+def test_small_custom_tokenizer_gets_a_valid_pad_id(tmp_path, official_tokenizer_dir):
+    """A tokenizer without id 32000: the tiny checkpoint takes its pad (or eos) id, and bad ids fail clearly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 3, "hi": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    shutil.copy(os.path.join(official_tokenizer_dir, "special_tokens_map.json"), tok_dir / "special_tokens_map.json")
+    out = save_random_checkpoint(str(tmp_path / "ckpt"), str(tok_dir))
+    cfg = Phi3VConfig.from_pretrained(out)
+    assert (cfg.vocab_size, cfg.pad_token_id) == (64, 3)
+    with pytest.raises(ValueError, match="pad_token_id=32000 is outside the vocabulary"):
+        Phi3VConfig(**tiny_config_dict(vocab_size=64))

@@ -63,6 +63,8 @@ class Phi3VConfig(Phi3Config):
         # The published config.json asks for flash_attention_2; fall back when flash_attn cannot be imported.
         if self._attn_implementation == "flash_attention_2" and not flash_attn_available():
             self._attn_implementation = None  # let the model pick sdpa/eager
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size})")
         self._validate_vision()
 
     def _fix_rope(self, rope: dict) -> dict:

@@ -98,6 +98,25 @@ def tokenizer_vocab_size(tokenizer_dir: str) -> int:
     return int(math.ceil(n / 64) * 64)
 
 
+def tokenizer_pad_id(tokenizer_dir: str) -> int | None:
+    """Id of the tokenizer's pad token (else its eos token) from the tokenizer files, or None."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    cfg = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                cfg.update(json.load(f))
+    for key in ("pad_token", "eos_token"):
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and tok.token_to_id(value) is not None:
+            return tok.token_to_id(value)
+    return None
+
+
 @torch.no_grad()
 def random_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded weights for every official tensor, scaled so that image features and every norm matter in the logits.
@@ -143,6 +162,8 @@ def save_random_checkpoint(out_dir: str, tokenizer_dir: str | None, seed: int = 
     if tokenizer_dir is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = tokenizer_vocab_size(tokenizer_dir)
     cfg_dict = tiny_config_dict(**overrides)
+    if tokenizer_dir is not None and "pad_token_id" not in overrides and cfg_dict["pad_token_id"] >= cfg_dict["vocab_size"]:
+        cfg_dict["pad_token_id"] = tokenizer_pad_id(tokenizer_dir)  # a small custom tokenizer has no id 32000
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2)
     config = Phi3VConfig(**copy.deepcopy(cfg_dict))
