@@ -399,8 +399,8 @@ def load_scorer(model_dir: str, adapter_dir: str | None = None, device: str = "a
         from ..model.adapters import AdapterManager
 
         manager = AdapterManager(model)
-        manager.load("eval", adapter_dir)
-        manager.activate("eval")
+        manager.load("evaluated", adapter_dir)
+        manager.activate("evaluated")
         net = getattr(manager, "model", model)
         net.eval()
     return Scorer(net, processor, device=dev, max_new_tokens=max_new_tokens)

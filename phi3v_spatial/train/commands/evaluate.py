@@ -1,0 +1,44 @@
+"""Evaluate a model (optionally with a LoRA adapter) on spatial records.
+
+yes/no questions are scored from the next-token probabilities of "yes" vs "no", choice questions
+from the likelihood of each choice, open / quantitative / plan questions by greedy generation.
+Prints a table (overall, per type, per VSR meta-category, per relation) and writes a JSON report.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (official Phi-3-vision layout)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply")
+    p.add_argument("--data", required=True, nargs="+", metavar="SPEC",
+                   help="dataset specs: synth:DIR, vsr:JSONL:IMGDIR, FILE.jsonl (weights are ignored)")
+    p.add_argument("--out", default=None, help="write the JSON report (with per-record predictions) here")
+    p.add_argument("--limit", type=int, default=None, help="at most N records per dataset (a seeded random subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-crops", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget for open/quantitative questions")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import json
+
+    from ..evaluate import evaluate_records, format_table, load_scorer, select_items, write_report
+    from ..trainer import load_sources
+
+    items = select_items(load_sources(args.data), args.limit, args.seed)
+    scorer = load_scorer(args.model, args.adapter, device=args.device, dtype=args.dtype, num_crops=args.num_crops,
+                         max_new_tokens=args.max_new_tokens)
+    report, preds = evaluate_records(scorer, items, progress=not args.no_progress)
+    title = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
+    print(format_table(report, title=title))
+    if args.out:
+        write_report(args.out, report, preds, model=args.model, adapter=args.adapter, data=list(args.data), limit=args.limit)
+        print(f"report written to {args.out}")
+    else:
+        print(json.dumps(report["overall"]))
+    return 0

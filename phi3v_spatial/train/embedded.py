@@ -1,0 +1,312 @@
+"""Rebuild the embedded demo model (``models/``) from nothing, reproducibly, on a couple of CPU cores.
+
+Why this recipe: the embedded model must (1) load and run like the real Phi-3-vision (same layout,
+processor, tokens, prompts), (2) stay a few MB, and (3) show that the spatial LoRA adapter *adds* the
+spatial skill. So the base is pretrained from scratch only on tasks that need no layout (listing the
+objects in colour order, counting them), and the adapter is trained on the relation yes/no and choice
+questions; the held-out evaluation runs with and without the adapter.
+
+Stages (each writes under ``work_dir``; ``models/`` only receives the final files):
+  a. synthetic data: training scenes (seed ``train_seed``) and held-out scenes (``eval_seed``);
+  b. a small BPE tokenizer with the Phi-3 special tokens, trained on the training texts;
+  c. a small Phi3V checkpoint in the official layout (``model.tiny``), standard initialisation;
+  d. full pretraining on describe + count;
+  e. LoRA on yes/no relations + choices (LM and vision tower + projector);
+  f. held-out evaluation, base vs base + adapter -> ``EVAL.md`` + ``eval_report.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..data.records import read_jsonl, write_jsonl
+from ..engine import prompts
+from ..paths import EMBEDDED_ADAPTER_NAME, EMBEDDED_MODEL_NAME
+
+BASE_TYPES = ("describe", "count")
+ADAPTER_TYPES = ("yesno", "choice")
+EVAL_TYPES = ("yesno", "choice", "describe", "count")
+
+
+@dataclass
+class Recipe:
+    # a. data
+    train_seed: int = 1
+    eval_seed: int = 90_001
+    train_scenes: int = 3000
+    eval_scenes: int = 250
+    image_size: tuple = (160, 120)
+    # b. tokenizer
+    vocab_size: int = 1024
+    # c. model
+    crop_size: int = 112
+    patch_size: int = 14
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 384
+    layer_idx: int = -1
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    intermediate: int = 512
+    num_crops: int = 1
+    init_seed: int = 0
+    # d. pretraining
+    base_steps: int = 600
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    base_warmup: int = 50
+    # e. adapter
+    lora_steps: int = 600
+    lora_batch: int = 32
+    lora_lr: float = 1e-3
+    lora_warmup: int = 50
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_vision: bool = True
+    lora_extra_targets: list = field(default_factory=list)
+    # f. evaluation
+    eval_limit: int | None = None
+    seed: int = 0
+    threads: int = 0              # torch CPU threads; 0 = all cores
+    save_dtype: str = "float16"
+
+
+def _log(msg: str) -> None:
+    print(f"[build-embedded {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_data(work: str, r: Recipe) -> dict:
+    """Stage a: synthetic scenes + per-stage record files (same folder, so image paths resolve)."""
+    from ..data.synth import generate_dataset
+
+    out = {}
+    for split, seed, n in (("train", r.train_seed, r.train_scenes), ("heldout", r.eval_seed, r.eval_scenes)):
+        d = os.path.join(work, "data", split)
+        kinds = list(dict.fromkeys(BASE_TYPES + ADAPTER_TYPES + EVAL_TYPES))
+        path = generate_dataset(d, n, seed, size=tuple(r.image_size), kinds=kinds)
+        recs = list(read_jsonl(path))
+        out[split] = {"dir": d, "records": path}
+        for name, types in (("base", BASE_TYPES), ("spatial", ADAPTER_TYPES), ("eval", EVAL_TYPES)):
+            p = os.path.join(d, f"{name}.jsonl")
+            out[split][name] = p
+            out[split][f"n_{name}"] = write_jsonl(p, (x for x in recs if x.type in types))
+    return out
+
+
+def training_texts(records_path: str) -> list[str]:
+    """Every prompt + target of the training split, plus fixed prompt texts the engine uses."""
+    texts = [prompts.chat_prompt(x.question, len(x.images)) + prompts.answer_target(x.answer)
+             for x in read_jsonl(records_path)]
+    texts.append(prompts.plan_request("Put the red cube left of the blue sphere."))
+    return texts
+
+
+def make_base_checkpoint(out: str, tokenizer_dir: str, r: Recipe) -> str:
+    """Stage c: official-layout files from ``model.tiny``, weights re-initialised the way the model
+    initialises itself (std 0.02, unit norms) — better for training from scratch than test weights."""
+    import torch
+
+    from ..model import Phi3VForCausalLM
+    from ..model.tiny import save_random_checkpoint
+    from .tokenizer_training import load_fast_tokenizer
+
+    tok = load_fast_tokenizer(tokenizer_dir)
+    save_random_checkpoint(
+        out, tokenizer_dir, seed=r.init_seed, num_crops=r.num_crops, n_shards=1,
+        crop_size=r.crop_size, patch_size=r.patch_size, vision_hidden_size=r.vision_hidden,
+        vision_layers=r.vision_layers, vision_heads=r.vision_heads, vision_intermediate_size=r.vision_intermediate,
+        layer_idx=r.layer_idx, hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+        num_key_value_heads=r.heads, intermediate_size=r.intermediate, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("</s>"), pad_token_id=tok.pad_token_id,
+        _name_or_path=EMBEDDED_MODEL_NAME, _attn_implementation="sdpa",
+    )
+    torch.manual_seed(r.init_seed)
+    model = Phi3VForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    model.apply(model._init_weights)
+    for f in os.listdir(out):
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+            os.remove(os.path.join(out, f))
+    model.save_pretrained(out)
+    return out
+
+
+def _copy_model_files(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for f in sorted(os.listdir(src)):
+        p = os.path.join(src, f)
+        if os.path.isfile(p) and (f.endswith(".json") or f.endswith(".safetensors")) and not f.startswith(("train", "training")):
+            shutil.copyfile(p, os.path.join(dst, f))
+
+
+def _eval(model_dir: str, adapter: str | None, records: str, r: Recipe, out_json: str, title: str) -> dict:
+    from .evaluate import evaluate_records, format_table, load_scorer, select_items, write_report
+    from .trainer import load_sources
+
+    items = select_items(load_sources([records]), r.eval_limit, r.seed)
+    scorer = load_scorer(model_dir, adapter, device="cpu", num_crops=r.num_crops)
+    report, preds = evaluate_records(scorer, items, progress=False)
+    write_report(out_json, report, preds, model=model_dir, adapter=adapter, data=[records])
+    _log("\n" + format_table(report, title=title))
+    return report
+
+
+def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "abcdef") -> dict:
+    """Run the recipe; returns timings + evaluation summary. ``stages`` lets a rerun skip finished ones."""
+    import torch
+
+    from .tokenizer_training import train_tokenizer
+    from .trainer import TrainConfig, train
+
+    r = r or Recipe()
+    torch.set_num_threads(r.threads if r.threads > 0 else max(1, os.cpu_count() or 1))
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, "recipe.json"), "w") as f:
+        json.dump(asdict(r), f, indent=1)
+    times: dict[str, float] = {}
+    t_all = time.time()
+    tok_dir = os.path.join(work, "tokenizer")
+    init_dir = os.path.join(work, "init")
+    base_dir = os.path.join(work, "base")
+    lora_dir = os.path.join(work, "lora")
+    data_index = os.path.join(work, "data", "index.json")
+
+    if "a" in stages:
+        t = time.time()
+        data = make_data(work, r)
+        with open(data_index, "w") as f:
+            json.dump(data, f, indent=1)
+        times["a_data"] = time.time() - t
+        _log(f"data: {data['train']['n_base']} base / {data['train']['n_spatial']} spatial training records, "
+             f"{data['heldout']['n_eval']} held-out ({times['a_data']:.0f}s)")
+    with open(data_index) as f:
+        data = json.load(f)
+    if "b" in stages:
+        t = time.time()
+        train_tokenizer(training_texts(data["train"]["records"]), tok_dir, vocab_size=r.vocab_size)
+        times["b_tokenizer"] = time.time() - t
+    if "c" in stages:
+        t = time.time()
+        shutil.rmtree(init_dir, ignore_errors=True)
+        make_base_checkpoint(init_dir, tok_dir, r)
+        times["c_init"] = time.time() - t
+    if "d" in stages:
+        t = time.time()
+        shutil.rmtree(base_dir, ignore_errors=True)
+        s = train(TrainConfig(base=init_dir, data=[data["train"]["base"]], out=base_dir, full=True, steps=r.base_steps,
+                              batch_size=r.base_batch, grad_accum=1, lr=r.base_lr, warmup_steps=r.base_warmup,
+                              weight_decay=0.01, seed=r.seed, device="cpu", num_crops=r.num_crops,
+                              save_dtype=r.save_dtype, log_every=10))
+        times["d_pretrain"] = time.time() - t
+        _log(f"pretrain: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({times['d_pretrain']:.0f}s)")
+    if "e" in stages:
+        t = time.time()
+        shutil.rmtree(lora_dir, ignore_errors=True)
+        s = train(TrainConfig(base=base_dir, data=[data["train"]["spatial"]], out=lora_dir, full=False,
+                              steps=r.lora_steps, batch_size=r.lora_batch, grad_accum=1, lr=r.lora_lr,
+                              warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
+                              vision_lora=r.lora_vision,
+                              targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
+                              weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10))
+        times["e_lora"] = time.time() - t
+        _log(f"lora: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({times['e_lora']:.0f}s)")
+    reports = {}
+    if "f" in stages:
+        t = time.time()
+        held = data["heldout"]["eval"]
+        reports["base"] = _eval(base_dir, None, held, r, os.path.join(work, "eval_base.json"), "base model (no adapter)")
+        reports["adapter"] = _eval(base_dir, lora_dir, held, r, os.path.join(work, "eval_adapter.json"),
+                                   "base model + spatial adapter")
+        times["f_eval"] = time.time() - t
+    times["total"] = time.time() - t_all
+    summary = {"recipe": asdict(r), "times_s": {k: round(v, 1) for k, v in times.items()}, "reports": reports,
+               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch_threads": torch.get_num_threads()}}
+    with open(os.path.join(work, "build_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if "f" in stages and out_models:
+        publish(out_models, work, base_dir, lora_dir, summary)
+    return summary
+
+
+def _default_targets() -> list[str]:
+    from ..model.adapters import DEFAULT_LORA_TARGETS
+
+    return list(DEFAULT_LORA_TARGETS)
+
+
+def publish(out_models: str, work: str, base_dir: str, lora_dir: str, summary: dict) -> None:
+    """Copy the final files into ``models/`` and write EVAL.md + eval_report.json."""
+    from .trainer import save_adapter  # noqa: F401  (adapter already saved by the trainer)
+
+    model_out = os.path.join(out_models, EMBEDDED_MODEL_NAME)
+    adapter_out = os.path.join(out_models, f"{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}")
+    for d in (model_out, adapter_out):
+        shutil.rmtree(d, ignore_errors=True)
+    _copy_model_files(base_dir, model_out)
+    os.makedirs(adapter_out, exist_ok=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(os.path.join(lora_dir, f), os.path.join(adapter_out, f))
+    cfg_path = os.path.join(adapter_out, "adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = EMBEDDED_MODEL_NAME   # not the build machine's temp path
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(out_models, "eval_report.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out_models, "EVAL.md"), "w") as f:
+        f.write(eval_markdown(summary))
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def eval_markdown(summary: dict) -> str:
+    """The human-readable evaluation page committed next to the model."""
+    rep = summary["reports"]
+    base, ada = rep.get("base", {}), rep.get("adapter", {})
+    r = summary["recipe"]
+    lines = [
+        "# Embedded model: held-out evaluation",
+        "",
+        f"`{EMBEDDED_MODEL_NAME}` (base, pretrained from scratch on object listing + counting only) and "
+        f"`{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}` (LoRA trained on relation yes/no + choice questions), "
+        f"evaluated on {r['eval_scenes']} held-out synthetic scenes (seed {r['eval_seed']}; training seed {r['train_seed']}).",
+        "yes/no: P(yes) vs P(no) of the first answer token; choice: highest answer likelihood; describe/count: greedy exact match.",
+        "",
+        "| metric | n | base | base + adapter |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(name, b, a):
+        lines.append(f"| {name} | {(a or b or {}).get('n', '-')} | {_pct((b or {}).get('accuracy'))} | {_pct((a or {}).get('accuracy'))} |")
+
+    row("overall", base.get("overall"), ada.get("overall"))
+    for t in sorted(set(base.get("per_type", {})) | set(ada.get("per_type", {}))):
+        row(f"type: {t}", base.get("per_type", {}).get(t), ada.get("per_type", {}).get(t))
+    for m in ada.get("per_meta_category", {}):
+        row(f"meta-category: {m}", base.get("per_meta_category", {}).get(m), ada.get("per_meta_category", {}).get(m))
+    for rel in ada.get("per_relation", {}):
+        row(f"relation: {rel}", base.get("per_relation", {}).get(rel), ada.get("per_relation", {}).get(rel))
+    if "yesno_predicted_yes_rate" in ada:
+        lines.append(f"| yes/no: share answered yes | | {_pct(base.get('yesno_predicted_yes_rate'))} | "
+                     f"{_pct(ada.get('yesno_predicted_yes_rate'))} |")
+    t = summary["times_s"]
+    lines += [
+        "",
+        "Rebuild: `make embedded` (= `phi3v-spatial build-embedded --out models`). Build times on "
+        f"{summary['host']['cpus']} CPU cores ({summary['host']['machine']}): "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + ".",
+        "",
+        "Recipe: " + ", ".join(f"{k}={v}" for k, v in r.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,414 @@
+"""The training loop: LoRA adapters (default) or full training (for the embedded base model).
+
+A hand-written loop rather than ``transformers.Trainer`` because the things that matter here are
+small and must be exact: the loss only on answer tokens (the collator's labels), weighted dataset
+mixing, gradient accumulation, and checkpoints that resume bit-for-bit (optimizer, scheduler, step,
+sampler and RNG states). Precision: bf16 autocast on CUDA (frozen LoRA base weights stored in bf16),
+plain fp32 on CPU.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .collator import SpatialCollator
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    base: str
+    data: list[str]
+    out: str
+    full: bool = False
+    # LoRA (CookBook defaults: r=64, alpha=2r, dropout 0, gaussian init)
+    lora_r: int = 64
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    targets: list[str] | None = None
+    vision_lora: bool = False
+    # optimisation (CookBook: lr 4e-5, wd 0.01, betas (0.9, 0.95), eps 1e-7, warmup 50, batch 16 via accumulation)
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 16
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    # checkpoints
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    num_crops: int | None = None
+    gradient_checkpointing: bool = False
+    save_dtype: str | None = None      # full mode: dtype of the saved checkpoint (e.g. float16 for the embedded model)
+    log_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: weighted mixture of record lists, sampled without replacement inside each dataset
+
+class ResumableMixture:
+    """Draws (dataset, index) pairs: the dataset by weight, then the next item of that dataset's own
+    shuffled epoch order (the policy of ``data.mixture.MixtureSampler``). Unlike that sampler its whole
+    state is a small dict (draw counts + RNG state; permutations are re-derived from the seed), so a
+    resumed run draws exactly what an uninterrupted run would have drawn."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+        if not sizes or any(n <= 0 for n in sizes):
+            raise ValueError(f"every dataset needs at least one record (sizes {list(sizes)})")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"dataset weights must be >= 0 and not all 0 (got {list(weights)})")
+        self.sizes = list(sizes)
+        self.probs = w / w.sum()
+        self.seed = seed
+        self.draws = [0] * len(sizes)
+        self.rng = np.random.default_rng([seed, 0xD5])
+        self._perm_cache: dict = {}
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != d}
+            self._perm_cache[key] = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
+        return self._perm_cache[key]
+
+    def next(self) -> tuple[int, int]:
+        d = int(self.rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0
+        k = self.draws[d]
+        self.draws[d] += 1
+        return d, int(self._perm(d, k // self.sizes[d])[k % self.sizes[d]])
+
+    def state_dict(self) -> dict:
+        return {"draws": list(self.draws), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = list(state["draws"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def load_sources(specs: Sequence[str]) -> list[tuple[list, float, str]]:
+    """``--data`` specs -> [(items [(record, root)], weight, name)] through ``data.mixture``."""
+    from ..data.mixture import load_data_specs
+
+    return [([(r, src.root) for r in src.records], src.weight, src.name) for src in load_data_specs(specs)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model setup
+
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    """``--targets`` or the model's DEFAULT_LORA_TARGETS, plus the vision tower/projector with ``--vision-lora``."""
+    from ..model.adapters import DEFAULT_LORA_TARGETS, VISION_LORA_TARGETS
+
+    targets = list(cfg.targets) if cfg.targets else list(DEFAULT_LORA_TARGETS)
+    if cfg.vision_lora:
+        targets += [t for t in VISION_LORA_TARGETS if t not in targets]
+    return targets
+
+
+def load_base(cfg: TrainConfig, device, dtype):
+    """Model + processor from ``cfg.base``; LoRA runs keep the frozen base in the compute dtype."""
+    import torch
+
+    from ..model import Phi3VForCausalLM, Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(cfg.base, num_crops=cfg.num_crops)
+    load_dtype = torch.float32 if (cfg.full or device.type == "cpu") else dtype
+    model = Phi3VForCausalLM.from_pretrained(cfg.base, torch_dtype=load_dtype)
+    model.to(device)
+    return model, processor
+
+
+def wrap_lora(model, cfg: TrainConfig):
+    """PEFT LoRA with the CookBook recipe (alpha 2r, gaussian init), the config the node's AdapterManager loads."""
+    from peft import get_peft_model
+
+    from ..model.adapters import lora_config
+
+    lcfg = lora_config(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                       targets=lora_targets(cfg), include_vision=False, init_lora_weights="gaussian")
+    return get_peft_model(model, lcfg)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+    import torch
+
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def make_scheduler(optimizer, warmup: int, total: int):
+    """Linear warmup to the peak lr, then linear decay to 0 at ``total`` steps."""
+    import torch
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_dirs(out: str) -> list[str]:
+    dirs = glob.glob(os.path.join(out, CHECKPOINT_DIR, "step-*"))
+    done = [d for d in dirs if os.path.isfile(os.path.join(d, "state.json"))]
+    return sorted(done, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def _rng_state() -> dict:
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, losses: list, keep: int) -> str:
+    """Everything a resumed run needs; written to a temp dir and renamed so a crash never leaves a
+    half checkpoint that ``--resume`` would pick."""
+    import torch
+
+    final = os.path.join(out, CHECKPOINT_DIR, f"step-{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(trainable_state(model), os.path.join(tmp, "trainable.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "sampler": _jsonable(sampler.state_dict()), "losses": losses[-1000:]}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> tuple[int, list]:
+    import torch
+
+    load_trainable_state(model, torch.load(os.path.join(path, "trainable.pt"), map_location="cpu"))
+    opt = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    with open(os.path.join(path, "state.json")) as f:
+        st = json.load(f)
+    sampler.load_state_dict(st["sampler"])
+    _set_rng_state(opt["rng"])
+    return int(st["step"]), list(st.get("losses", []))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving the result
+
+def save_adapter(model, out: str, base_name: str | None = None) -> None:
+    """PEFT adapter dir: adapter_config.json + adapter_model.safetensors."""
+    model.save_pretrained(out, safe_serialization=True)
+    if base_name is not None:
+        path = os.path.join(out, "adapter_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["base_model_name_or_path"] = base_name
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+
+
+def save_full(model, processor, out: str, save_dtype: str | None = None) -> None:
+    """Official-layout checkpoint (config, safetensors, processor/tokenizer files)."""
+    import copy
+
+    import torch
+
+    from ..model.runtime import resolve_dtype
+
+    to_save = model
+    if save_dtype:
+        dt = resolve_dtype(save_dtype, "cpu")
+        to_save = copy.deepcopy(model).to("cpu", dt)
+        to_save.config.torch_dtype = dt
+    to_save.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    del to_save
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def total_steps(cfg: TrainConfig, n_records: int) -> int:
+    if cfg.steps:
+        return int(cfg.steps)
+    return max(1, math.ceil(cfg.epochs * n_records / (cfg.batch_size * cfg.grad_accum)))
+
+
+def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int, float], None] | None = None,
+          on_end: Callable | None = None) -> dict:
+    """Run (or resume) a training; returns a summary dict. ``sources`` overrides ``cfg.data``;
+    ``on_step(step, loss)`` runs after every optimizer step, ``on_end(model, processor)`` before saving."""
+    import torch
+
+    from ..model.runtime import resolve_device, resolve_dtype
+
+    t0 = time.time()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    sources = sources if sources is not None else load_sources(cfg.data)
+    items = [s[0] for s in sources]
+    sampler = ResumableMixture([len(i) for i in items], [s[1] for s in sources], cfg.seed)
+    n_records = sum(len(i) for i in items)
+    steps = total_steps(cfg, n_records)
+
+    model, processor = load_base(cfg, device, dtype)
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = wrap_lora(model, cfg)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-7,
+    )
+    scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, max(0, steps - 1)), steps)
+    collator = SpatialCollator(processor)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    step, losses = 0, []
+    resumed_from = None
+    if cfg.resume:
+        ckpts = checkpoint_dirs(cfg.out)
+        if ckpts:
+            step, losses = load_checkpoint(ckpts[-1], model, optimizer, scheduler, sampler)
+            resumed_from = step
+            print(f"resumed from {ckpts[-1]} at step {step}/{steps}", flush=True)
+        else:
+            print(f"--resume: no checkpoint under {cfg.out}/{CHECKPOINT_DIR}; starting at step 0", flush=True)
+    with open(os.path.join(cfg.out, "training_args.json"), "w") as f:
+        json.dump({**asdict(cfg), "total_steps": steps, "records": n_records,
+                   "sources": [{"name": s[2], "records": len(s[0]), "weight": s[1]} for s in sources]}, f, indent=1)
+
+    use_autocast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    log_path = os.path.join(cfg.out, "train_log.jsonl")
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc="train" + (" (full)" if cfg.full else " (lora)"), dynamic_ncols=True)
+    ema = losses[-1] if losses else None
+    while step < steps:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            picks = [sampler.next() for _ in range(cfg.batch_size)]
+            batch = collator([items[d][i] for d, i in picks])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(torch.float32 if not use_autocast else dtype)
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
+                out = model(**batch)
+            loss = out.loss / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(step_loss)
+        ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+        if on_step:
+            on_step(step, step_loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % max(1, cfg.log_every) == 0 or step == steps:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": step_loss, "loss_ema": ema,
+                                    "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+
+    model.eval()
+    if on_end:
+        on_end(model, processor)
+    if cfg.full:
+        save_full(model, processor, cfg.out, cfg.save_dtype)
+    else:
+        save_adapter(model, cfg.out)
+    if cfg.save_every:   # the final state as a checkpoint too, so --resume with more --steps continues
+        save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints)
+    summary = {"steps": step, "total_steps": steps, "resumed_from_step": resumed_from, "final_loss": losses[-1] if losses else None,
+               "first_loss": losses[0] if losses else None, "trainable_params": n_trainable, "total_params": n_total,
+               "seconds": round(time.time() - t0, 1), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    with open(os.path.join(cfg.out, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary

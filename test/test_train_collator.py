@@ -1,0 +1,109 @@
+"""The label mask: only answer + <|end|> + newline + <|endoftext|> are learned, with either tokenizer."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from phi3v_spatial.data.records import SpatialRecord
+from phi3v_spatial.engine import prompts
+from phi3v_spatial.train.collator import IGNORE_INDEX, SpatialCollator, encode_record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED = os.path.join(REPO, "models", "phi3v-spatial-tiny")
+
+
+def _tiny_dir(tmp_path, tokenizer_dir):
+    from phi3v_spatial.model.tiny import save_random_checkpoint
+    from phi3v_spatial.train.tokenizer_training import load_fast_tokenizer
+
+    pad = load_fast_tokenizer(tokenizer_dir).pad_token_id
+    return save_random_checkpoint(str(tmp_path / "tiny"), tokenizer_dir, seed=0, num_crops=1, pad_token_id=pad)
+
+
+def _images(tmp_path, n=1):
+    from PIL import Image
+
+    paths = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(p)
+        paths.append(p.name)
+    return paths
+
+
+def _records(tmp_path):
+    imgs = _images(tmp_path, 2)
+    return [
+        SpatialRecord(id="a", images=imgs[:1], question=prompts.relation_question("red cube", "left of", "blue sphere"),
+                      answer="yes", type="yesno"),
+        SpatialRecord(id="b", images=imgs, question=prompts.choice_question("Which object moved?", ["red cube", "blue cone"]),
+                      answer="blue cone", type="multiframe", choices=["red cube", "blue cone"]),
+        SpatialRecord(id="c", images=imgs[:1], question="What objects are in the image?",
+                      answer="There are 2 objects: a blue cone and a red cube.", type="describe"),
+    ]
+
+
+def _check_mask(processor, records, root):
+    tok = processor.tokenizer
+    batch = SpatialCollator(processor)([(r, root) for r in records])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape and ids.shape[0] == len(records)
+    for row, r in enumerate(records):
+        learned = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        target = prompts.answer_target(r.answer)
+        # exactly the target's tokens...
+        assert learned == tok(target, add_special_tokens=False)["input_ids"]
+        # ...which decode back to answer + <|end|> + newline + <|endoftext|> (SentencePiece puts a space before the newline)
+        decoded = tok.decode(learned, skip_special_tokens=False)
+        assert decoded.replace(" \n", "\n") == target
+        assert tok.convert_ids_to_tokens(learned)[-1] == prompts.ENDOFTEXT
+        # the learned tokens are the last real tokens of the row; prompt, image slots and padding are masked
+        n_real = int(mask[row].sum())
+        assert (labels[row, n_real - len(learned):n_real] == torch.tensor(learned)).all()
+        assert (labels[row, : n_real - len(learned)] == IGNORE_INDEX).all()
+        assert (labels[row, n_real:] == IGNORE_INDEX).all()
+        assert (ids[row, n_real:] == tok.pad_token_id).all()
+        assert (labels[row][ids[row] < 0] == IGNORE_INDEX).all() and (ids[row] < 0).any()
+        # the prompt part is what inference feeds: the processor's ids of the prompt alone
+        prompt_ids = processor(prompts.chat_prompt(r.question, len(r.images)),
+                               images=[__import__("PIL.Image").Image.open(os.path.join(root, p)).convert("RGB") for p in r.images],
+                               return_tensors="pt")["input_ids"][0]
+        assert ids[row, : n_real - len(learned)].tolist() == prompt_ids.tolist()
+    # right padding: the shorter rows end in padding, image tensors of all samples concatenated in order
+    assert batch["pixel_values"].shape[0] == sum(len(r.images) for r in records)
+    assert batch["image_sizes"].shape == (sum(len(r.images) for r in records), 2)
+
+
+def test_label_mask_with_the_official_tokenizer(tmp_path, official_tokenizer_dir):
+    from phi3v_spatial.model import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, official_tokenizer_dir), num_crops=1)
+    records = _records(tmp_path)
+    _check_mask(processor, records, str(tmp_path))
+    # the official ids of the yes target: ▁yes <|end|> ▁ <0x0A> <|endoftext|>
+    sample = encode_record(processor, records[0], str(tmp_path))
+    assert [i for i in sample.labels if i != IGNORE_INDEX] == [4874, 32007, 29871, 13, 32000]
+    assert sample.input_ids[len(sample.input_ids) - 6] == 32001   # <|assistant|> right before the answer
+
+
+def test_label_mask_with_the_embedded_tokenizer(tmp_path):
+    if not os.path.isfile(os.path.join(EMBEDDED, "tokenizer.json")):
+        pytest.skip("embedded model not built (make embedded)")
+    from phi3v_spatial.model import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, EMBEDDED), num_crops=1)
+    _check_mask(processor, _records(tmp_path), str(tmp_path))
+
+
+def test_label_mask_with_a_freshly_trained_tokenizer(tmp_path):
+    """The embedded tokenizer's recipe, without needing models/ to be built."""
+    from phi3v_spatial.model import Phi3VProcessor
+    from phi3v_spatial.train.tokenizer_training import train_tokenizer
+
+    records = _records(tmp_path)
+    texts = [prompts.chat_prompt(r.question, len(r.images)) + prompts.answer_target(r.answer) for r in records] * 4
+    tok_dir = train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=320)
+    processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, tok_dir), num_crops=1)
+    _check_mask(processor, records, str(tmp_path))
