@@ -243,8 +243,8 @@ class SpatialEngine:
             raise EngineError(f"answers {answers} start with the same token; yes/no scoring impossible")
         return ids
 
-    def _encode(self, text: str, images: Sequence[np.ndarray]):
-        batch = self.processor(text, images=list(images) or None, return_tensors="pt")
+    def _encode(self, text: str, images: Sequence[np.ndarray], image_features=None):
+        batch = self.processor(text, images=list(images) or None, return_tensors="pt", image_features=image_features)
         dev = self.device
         out = {k: v.to(dev) for k, v in batch.items() if hasattr(v, "to")}
         if "pixel_values" in out:
@@ -291,7 +291,8 @@ class SpatialEngine:
         torch = self._torch
         with self._lock, torch.inference_mode():
             self._check_ready()
-            encoded = [self._encode(t, images) for t in texts]
+            feats = self.processor.image_processor(list(images))  # the HD transform once for all candidates
+            encoded = [self._encode(t, images, feats) for t in texts]
             ids = [e["input_ids"][0].tolist() for e in encoded]
             common = 0
             shortest = min(len(i) for i in ids)

@@ -128,11 +128,13 @@ class Phi3VProcessor:
 
     # ------------------------------------------------------------------ encoding
     def __call__(self, text: str | list[str] | None = None, images=None, return_tensors: str | None = "pt",
-                 num_crops: int | None = None, padding_side: str = "right", **kwargs) -> BatchFeature:
+                 num_crops: int | None = None, padding_side: str = "right", image_features=None, **kwargs) -> BatchFeature:
         """One prompt (or a list, one image list per prompt, padded) -> BatchFeature.
 
         ``<|image_k|>`` (k = 1..n, contiguous, may repeat) becomes ``[-k] * num_img_tokens[k-1]``; every text chunk is
         tokenised with BOS, so a ``<s>`` follows each image block, as in the reference.
+        ``image_features``: the output of ``self.image_processor(images)``, reused for several prompts about the same
+        images (the HD transform then runs once instead of once per prompt).
         """
         if text is None:
             raise ValueError("text is required")
@@ -155,7 +157,10 @@ class Phi3VProcessor:
             raise ValueError(f"image tags must be <|image_1|>..<|image_n|> without gaps, got {sorted(set(tags))}")
         if len(unique) != len(images):
             raise ValueError(f"the prompt refers to {len(unique)} image(s) but {len(images)} were given")
-        feats = self.image_processor(images, num_crops=num_crops) if images else None
+        if image_features is not None:
+            feats = image_features
+        else:
+            feats = self.image_processor(images, num_crops=num_crops) if images else None
         chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(text)]
         ids: list[int] = list(chunks[0])
         for k, chunk in zip(ids_in_text, chunks[1:]):
