@@ -276,6 +276,38 @@ def test_corrupt_frame_fails_only_its_questions(tmp_path, engine):
     assert r["good"]["error"] == "" and r["good"]["frame_stamps"][0]["stamp_ns"] == T0 + NS // 2
 
 
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
+def test_bag_damaged_mid_file(fill, tmp_path, engine):
+    """A chunk overwritten mid-file: rosbags either fails while reading or silently skips the chunk (then only the
+    index's message counts tell). Either way replay says the bag is damaged and exits non-zero."""
+    path = write_bag(tmp_path / "damaged", "mcap", two_camera_messages())
+    inner = os.path.join(path, "damaged.mcap")
+    with open(inner, "r+b") as f:
+        f.seek(os.path.getsize(inner) // 2)
+        f.write(fill * 2000)
+    q = questions(tmp_path, [{"id": "early", "at": 0.05, "type": "ask", "question": "Where?", "topics": [CAM0]},
+                             {"id": "end", "type": "ask", "question": "Where?", "topics": [CAM0]}])
+    out = Replayer(engine, settings()).run(path, q)
+    assert out.exit_code == 1 and f"bag {path!r} is damaged" in out.fatal
+    for r in out.results:
+        assert "is damaged" in (r["error"] or r.get("warning", "")), r
+
+
+def test_requested_topics_that_cannot_play(bag, engine, tmp_path):
+    q = questions(tmp_path, [{"id": "cam1", "at": 1.0, "type": "ask", "question": "Where?", "topics": [CAM1]},
+                             {"id": "chatter", "at": 1.0, "type": "ask", "question": "Where?", "topics": ["/chatter"]},
+                             {"id": "all", "at": 1.0, "type": "ask", "question": "Where?"}])
+    warnings = []
+    out = Replayer(engine, settings(), warn=warnings.append).run(bag, q, topics=[CAM1, "/chatter", "/nope"])
+    r = by_id(out)
+    assert out.topics == [CAM1] and out.exit_code == 0
+    assert any("/nope is not in bag" in w for w in warnings) and any("std_msgs/msg/String" in w for w in warnings)
+    assert r["cam1"]["error"] == "" and r["cam1"]["frame_stamps"][0]["topic"] == CAM1
+    assert "has message type std_msgs/msg/String" in r["chatter"]["error"] and bag in r["chatter"]["error"]
+    assert "1700000001.000000000" in r["chatter"]["error"]
+    assert "is not in bag" in r["all"]["error"] or "std_msgs/msg/String" in r["all"]["error"]
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 

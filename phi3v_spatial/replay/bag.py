@@ -166,6 +166,7 @@ class ReadReport:
     skipped_count: int = 0
     fatal: str = ""
     fatal_after_ns: int | None = None                 # header stamp of the last frame read before the damage
+    damaged: str = ""                                 # messages lost somewhere (index count > readable count)
 
     def skip(self, text: str) -> None:
         self.skipped_count += 1
@@ -220,6 +221,11 @@ class FrameReader:
                 where = f"after the message recorded at {fmt_time(last_log)}" if last_log is not None else "at its first message"
                 self.report.fatal = (f"bag {self.info.path!r} is damaged {where} ({type(e).__name__}: {e}); "
                                      f"frames after that point are missing")
+        if not self.report.fatal and self.total and len(stamps) < self.total:
+            # rosbags skips an unreadable mcap chunk silently: the index's counts are the only witness
+            self.report.damaged = (f"bag {self.info.path!r} is damaged: its index lists {self.total} messages on "
+                                   f"{', '.join(self.topics)} but only {len(stamps)} can be read; answers may have "
+                                   f"used windows with frames missing")
         good = [s for s in stamps if s is not None]
         if good:
             self.first_stamp_ns, self.last_stamp_ns = min(good), max(good)

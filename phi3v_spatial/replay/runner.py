@@ -89,13 +89,13 @@ class Replayer:
                 warn(f"bag {bag_path!r}: no image topics to replay (bag topics: "
                      f"{', '.join(f'{t} [{typ}]' for t, typ in sorted(info.topics.items())) or 'none'})")
             window = FrameWindow(**self.settings.window_kwargs())
-            for t in chosen + [t for t in (wanted or []) if t in problems]:
+            for t in chosen:
                 window.add_topic(t)  # subscribed, like the node: 'silent' is then told apart from 'unknown'
             frames = FrameReader(reader, info, chosen, progress=self.progress)
             frames.index()
             report = frames.report
-            if report.fatal:
-                warn(report.fatal)
+            if report.fatal or report.damaged:
+                warn(report.fatal or report.damaged)
             for t in sorted(frames.zero_stamp_topics):
                 warn(f"bag {bag_path!r}: camera {t} has header.stamp = 0; using the recording time instead (as the node does)")
             if frames.first_stamp_ns is not None and abs(frames.first_stamp_ns - info.start_ns) > CLOCK_MISMATCH_WARN_S * NS:
@@ -137,8 +137,12 @@ class Replayer:
                 warn(f"bag {bag_path!r}: {report.skipped_count} frame(s) skipped: " + "; ".join(report.skipped[:3])
                      + (" ..." if report.skipped_count > 3 else ""))
             ordered = [results[q.index] for q in questions]
-            return ReplayOutcome(ordered, summarize(ordered), info, chosen, fatal=report.fatal, warnings=warnings,
-                                 window_stats=window.stats())
+            if report.damaged:
+                for r in ordered:
+                    if "time" in r and not r["error"]:
+                        r["warning"] = report.damaged
+            return ReplayOutcome(ordered, summarize(ordered), info, chosen, fatal=report.fatal or report.damaged,
+                                 warnings=warnings, window_stats=window.stats())
         finally:
             reader.close()
 
@@ -179,7 +183,8 @@ class Replayer:
         if rep.fatal and (at_end or rep.fatal_after_ns is None or now_ns > rep.fatal_after_ns):
             raise _Unanswerable(f"{where}: cannot answer: {rep.fatal}")
         topics = [resolve_topic(t) for t in q.topics]  # as the node resolves a request's image_topics
-        for t in topics:
+        # no topics = every camera asked for (the node would fail on one that never publishes, so does replay)
+        for t in topics or list(ctx.problems):
             if t in ctx.problems:
                 raise _Unanswerable(f"{where}: {ctx.problems[t]}")
             if t not in ctx.window.topics:
