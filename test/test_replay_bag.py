@@ -384,3 +384,20 @@ def test_cli_unreadable_bag_exits_nonzero_with_errors_per_question(tmp_path, tin
     bad_questions = tmp_path / "bad.yaml"
     bad_questions.write_text("{not: [valid")
     assert _run_cli(path, "--questions", bad_questions, "--model", tiny_model_dir) == 2
+
+
+def test_synth_bag_and_questions_replay_cleanly(tmp_path, engine):
+    """`phi3v-spatial synth --bag` writes questions in replay's format: every entry parses and finds its frames."""
+    from phi3v_spatial.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "syn"), "--num", "2", "--frames", "2", "--cameras", "2",
+                 "--bag", str(tmp_path / "syn.db3"), "--quiet"]) == 0
+    q = load_questions(tmp_path / "syn.questions.yaml")
+    assert q and all(x.error == "" for x in q) and {x.type for x in q} == {"ask", "relations", "plan"}
+    out = Replayer(engine, settings(max_age_s=2.0)).run(str(tmp_path / "syn"), q)
+    assert out.exit_code == 0 and out.info.storage == "sqlite3"
+    for r in out.results:
+        assert r["frame_stamps"], r
+        assert r["error"] == "" or r["error"].startswith("could not parse a plan"), r["error"]
+        assert r["correct"] in (True, False)
+    assert out.summary["all"]["scored"] == len(q)
