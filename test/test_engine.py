@@ -68,6 +68,18 @@ def test_relation_scores_equal_a_full_forward_per_candidate(engine):
         assert 0.0 <= r.probability <= 1.0 and r.holds == (r.probability >= 0.5)
 
 
+def test_relation_scoring_stops_when_asked(engine):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 1
+
+    cands = [Relation("red cube", "left of", "blue sphere")] * 3
+    with pytest.raises(EngineError, match="stopped after scoring 1 of 3"):
+        engine.query_relations(cands, _frames(), should_stop=should_stop)
+
+
 def test_yes_no_tokens_follow_the_assistant_tag(engine):
     tok = engine.processor.tokenizer
     assert tok.decode([engine.yes_id]).strip() == "yes"

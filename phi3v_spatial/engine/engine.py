@@ -188,8 +188,12 @@ class SpatialEngine:
         rels = relations_from_text(answer) or relation_from_question(question, answer)
         return AskResult(answer, rels, gen.tokens, gen.cancelled)
 
-    def query_relations(self, candidates: Sequence[Relation], images: Sequence[np.ndarray]) -> list[Relation]:
-        """P(yes) for each candidate, from the yes/no next-token probabilities (not from generated text)."""
+    def query_relations(self, candidates: Sequence[Relation], images: Sequence[np.ndarray], *,
+                        should_stop: ShouldStop | None = None) -> list[Relation]:
+        """P(yes) for each candidate, from the yes/no next-token probabilities (not from generated text).
+
+        ``should_stop`` is polled before each candidate; when it fires the call raises ``EngineError``.
+        """
         if not candidates:
             raise EngineError("no candidate relations given")
         for i, c in enumerate(candidates):
@@ -198,7 +202,7 @@ class SpatialEngine:
         images = validate_images(images, self.max_image_pixels)
         texts = [prompts.chat_prompt(prompts.relation_question(c.subject.strip(), c.relation.strip(), c.object.strip()), len(images))
                  for c in candidates]
-        probs = self._yes_probabilities(texts, images)
+        probs = self._yes_probabilities(texts, images, should_stop)
         return [Relation(c.subject, c.relation, c.object, holds=p >= 0.5, probability=p) for c, p in zip(candidates, probs)]
 
     def plan(self, instruction: str, images: Sequence[np.ndarray], *, max_new_tokens: int = 256,
@@ -286,7 +290,7 @@ class SpatialEngine:
                                 past_key_values=out.past_key_values, use_cache=True)
             return _Generation(text_so_far, len(generated), cancelled)
 
-    def _yes_probabilities(self, texts: list[str], images) -> list[float]:
+    def _yes_probabilities(self, texts: list[str], images, should_stop: ShouldStop | None = None) -> list[float]:
         """Run the shared prefix (images included) once, then each candidate's suffix on a copy of the cache."""
         torch = self._torch
         with self._lock, torch.inference_mode():
@@ -302,7 +306,9 @@ class SpatialEngine:
             prefix = self._net(input_ids=first["input_ids"][:, :common], attention_mask=first["attention_mask"][:, :common],
                                pixel_values=first.get("pixel_values"), image_sizes=first.get("image_sizes"), use_cache=True)
             probs = []
-            for e in encoded:
+            for i, e in enumerate(encoded):
+                if should_stop and should_stop():
+                    raise EngineError(f"stopped after scoring {i} of {len(encoded)} candidates (cancelled or past the deadline)")
                 cache = copy.deepcopy(prefix.past_key_values)
                 out = self._net(input_ids=e["input_ids"][:, common:], attention_mask=e["attention_mask"],
                                 past_key_values=cache, use_cache=True)

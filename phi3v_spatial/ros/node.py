@@ -534,7 +534,8 @@ class SpatialNode(LifecycleNode):
             cands = [Relation(c.subject, c.relation, c.object) for c in req.candidates]
             images, stamps, topics = self._frames_for(req.images, req.image_topics, req.num_frames)
             engine = self._engine
-            rels = self._run(lambda job: engine.query_relations(cands, images), self._p("request_timeout_s"),
+            rels = self._run(lambda job: engine.query_relations(cands, images, should_stop=job.should_stop),
+                             self._p("request_timeout_s"),
                              "query_relations")
             res.success = True
             res.relations = [relation_to_msg(r) for r in rels]
