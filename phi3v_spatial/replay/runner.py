@@ -127,7 +127,6 @@ class Replayer:
                     k += 1
                 window.add(frame.topic, frame.stamp_ns, frame.payload)
                 last_stamp = frame.stamp_ns
-            ctx.all_fed = True
             for t, idx, q in timed[k:]:
                 results[idx] = self._answer(q, t, ctx)
             end_ns = last_stamp if last_stamp is not None else info.end_ns
@@ -232,4 +231,3 @@ class _Context:
     problems: dict[str, str]
     window: FrameWindow
     report: object
-    all_fed: bool = False
