@@ -19,13 +19,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import prompts
-from .images import ImageDecodeError, validate_image
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, validate_image
 from .parsing import PlanParseError, Relation, parse_plan, relation_from_question, relations_from_text
 
 OnText = Callable[[str, int], None]
 ShouldStop = Callable[[], bool]
 
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "</s>")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -58,7 +57,7 @@ class _Generation:
     cancelled: bool
 
 
-def validate_images(images: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[np.ndarray]:
+def validate_images(images: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     """RGB uint8 HxWx3 arrays of a sane size (see ``images.validate_image``), or an ``EngineError`` naming the image."""
     if images is None or len(images) == 0:
         raise EngineError("no images: give images in the request or make sure the camera topics are publishing")
@@ -76,7 +75,7 @@ class SpatialEngine:
     """A loaded Phi3V model answering spatial questions about RGB frames."""
 
     def __init__(self, model, processor, *, device: str, dtype, attn_implementation: str, model_path: str,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
         import torch
 
         self._torch = torch
@@ -98,7 +97,7 @@ class SpatialEngine:
     @classmethod
     def from_pretrained(cls, model_path: str, *, adapters: dict[str, str] | None = None, active_adapter: str | None = None,
                         device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto",
-                        num_crops: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "SpatialEngine":
+                        num_crops: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "SpatialEngine":
         """Load a checkpoint folder (or hub id) and optional LoRA adapters; errors become ``EngineError``."""
         if not model_path:
             raise EngineError("model_path is empty: set it to a checkpoint folder or a Hugging Face hub id")

@@ -8,46 +8,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-NODE_NAME = "spatial_node"
-
-COMPRESSED_SUFFIX = ":compressed"
-RAW_SUFFIX = ":raw"
-
-
-def _default_adapters() -> list[str]:
-    from .. import paths
-
-    d = paths.default_adapter_dir()
-    return [f"{paths.EMBEDDED_ADAPTER_NAME}={d}"] if os.path.isdir(d) else []
+from .. import settings
+from ..settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX
 
 
 def node_defaults() -> dict:
-    """The node's declared defaults for the parameters replay uses (phi3v_spatial/ros/node.py, kept in step
-    by test_replay_live, which reads them back from a running node).
+    """The node's own defaults (``phi3v_spatial.settings``) for the parameters replay uses.
 
     One deliberate difference: without an ``image_topics`` entry in the file, replay plays every image topic
     of the bag instead of the node's ``/camera/image_raw``.
     """
-    from .. import paths
-
-    adapters = _default_adapters()
-    return {
-        "image_topics": [],
-        "window.num_frames": 1,
-        "window.min_interval_s": 0.5,
-        "window.max_age_s": 2.0,
-        "window.capacity": 8,
-        "max_image_pixels": 4096 * 4096,
-        "generation.max_new_tokens": 128,
-        "plan.max_new_tokens": 256,
-        "model_path": "",
-        "adapters": adapters,
-        "active_adapter": paths.EMBEDDED_ADAPTER_NAME if adapters else "",
-        "device": "auto",
-        "dtype": "auto",
-        "attn_implementation": "auto",
-        "num_crops": 0,
-    }
+    defaults = settings.node_defaults()
+    keep = ("window.num_frames", "window.min_interval_s", "window.max_age_s", "window.capacity", "max_image_pixels",
+            "generation.max_new_tokens", "plan.max_new_tokens", "model_path", "adapters", "active_adapter", "device",
+            "dtype", "attn_implementation", "num_crops")
+    return {"image_topics": [], **{k: defaults[k] for k in keep}}
 
 
 def resolve_topic(spec: str, node_name: str = NODE_NAME, namespace: str = "/") -> str:

@@ -31,7 +31,8 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from phi3v_spatial import paths
-from phi3v_spatial.engine.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_raw
+from phi3v_spatial.settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX, node_defaults
+from phi3v_spatial.engine.images import ImageDecodeError, decode_raw
 from phi3v_spatial.engine.window import Frame, FrameWindow, WindowError
 from phi3v_spatial.engine.worker import InferenceWorker, JobCancelled, JobError, JobRejected, JobTimeout
 from phi3v_spatial_interfaces.action import Plan
@@ -42,9 +43,6 @@ from .messages import (
     compressed_payload, ns_to_stamp, plan_step_to_msg, raw_payload, relation_to_msg, stamp_to_ns,
 )
 
-NODE_NAME = "spatial_node"
-COMPRESSED_SUFFIX = ":compressed"
-RAW_SUFFIX = ":raw"
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 FEEDBACK_MIN_PERIOD_S = 0.02  # stream at most ~50 partial-text feedbacks per second
@@ -67,11 +65,6 @@ def _int_desc(description, lo, hi, read_only=False):
 def _desc(description, ptype, read_only=False, constraints=""):
     return ParameterDescriptor(description=description, type=ptype, read_only=read_only,
                                additional_constraints=constraints)
-
-
-def _default_adapters() -> list[str]:
-    d = paths.default_adapter_dir()
-    return [f"{paths.EMBEDDED_ADAPTER_NAME}={d}"] if os.path.isdir(d) else []
 
 
 class SpatialNode(LifecycleNode):
@@ -124,53 +117,55 @@ class SpatialNode(LifecycleNode):
     def _declare_parameters(self) -> None:
         T = ParameterType
         self._param_names: list[str] = []
+        defaults = node_defaults()
 
-        def declare(name, value, descriptor):
+        def declare(name, descriptor):
             self._param_names.append(name)
+            value = defaults[name]
             if isinstance(value, list) and not value:  # an empty default cannot carry its type
                 value = Parameter.Type.STRING_ARRAY
             self.declare_parameter(name, value, descriptor)
 
-        declare("model_path", "", _desc(
+        declare("model_path", _desc(
             "Checkpoint folder (official Phi-3-vision layout) or hub id; empty = the embedded model", T.PARAMETER_STRING,
             read_only=True))
-        declare("adapters", _default_adapters(), _desc(
+        declare("adapters", _desc(
             "LoRA adapters to load at configure, as 'name=path' strings", T.PARAMETER_STRING_ARRAY, read_only=True,
             constraints="each entry name=path; path is a PEFT adapter folder"))
-        declare("active_adapter", paths.EMBEDDED_ADAPTER_NAME if _default_adapters() else "", _desc(
+        declare("active_adapter", _desc(
             "Adapter active after configure ('' or 'none' = base model); settable at runtime", T.PARAMETER_STRING))
-        declare("device", "auto", _desc(
+        declare("device", _desc(
             "auto | cpu | cuda | cuda:N | mps", T.PARAMETER_STRING, read_only=True))
-        declare("dtype", "auto", _desc(
+        declare("dtype", _desc(
             "auto | float32 | float16 | bfloat16", T.PARAMETER_STRING, read_only=True))
-        declare("attn_implementation", "auto", _desc(
+        declare("attn_implementation", _desc(
             "auto | eager | sdpa | flash_attention_2", T.PARAMETER_STRING, read_only=True))
-        declare("num_crops", 0, _int_desc(
+        declare("num_crops", _int_desc(
             "HD transform crops per image; 0 = the checkpoint's preprocessor_config.json", 0, 64, read_only=True))
-        declare("image_topics", ["/camera/image_raw"], _desc(
+        declare("image_topics", _desc(
             "Camera topics; 'topic:compressed' forces CompressedImage, names ending in /compressed are compressed, "
             "otherwise the type is taken from the graph (Image if unknown)", T.PARAMETER_STRING_ARRAY))
-        declare("window.num_frames", 1, _int_desc(
+        declare("window.num_frames", _int_desc(
             "Frames per camera given to the model when a request says 0", 1, 16))
-        declare("window.min_interval_s", 0.5, _float_desc(
+        declare("window.min_interval_s", _float_desc(
             "Keyframe spacing in stamp time; closer frames only replace the latest slot", 0.0, 60.0))
-        declare("window.max_age_s", 2.0, _float_desc(
+        declare("window.max_age_s", _float_desc(
             "A camera whose newest frame is older than this (node clock, sim time aware) is stale; 0 = no limit",
             0.0, 86400.0))
-        declare("window.capacity", 8, _int_desc("Keyframes kept per camera", 1, 256))
-        declare("queue.max_pending", 4, _int_desc(
+        declare("window.capacity", _int_desc("Keyframes kept per camera", 1, 256))
+        declare("queue.max_pending", _int_desc(
             "Requests allowed to wait behind the running one; more are rejected at once", 0, 64))
-        declare("request_timeout_s", 60.0, _float_desc(
+        declare("request_timeout_s", _float_desc(
             "Deadline per request, queue time included", 0.1, 3600.0))
-        declare("generation.max_new_tokens", 128, _int_desc(
+        declare("generation.max_new_tokens", _int_desc(
             "Token limit for ~/ask when the request says 0", 1, 4096))
-        declare("plan.max_new_tokens", 256, _int_desc(
+        declare("plan.max_new_tokens", _int_desc(
             "Token limit for ~/plan when the goal says 0", 1, 8192))
-        declare("max_image_pixels", DEFAULT_MAX_PIXELS, _int_desc(
+        declare("max_image_pixels", _int_desc(
             "Largest image (width x height) accepted; bigger ones are rejected with a reason", 1, 1 << 30))
-        declare("diagnostics_period_s", 1.0, _float_desc(
+        declare("diagnostics_period_s", _float_desc(
             "Period of the /diagnostics status", 0.05, 3600.0))
-        declare("autostart", True, _desc(
+        declare("autostart", _desc(
             "Configure and activate right after start", T.PARAMETER_BOOL, read_only=True))
 
     def _params(self) -> dict:

@@ -1,0 +1,48 @@
+"""The node's parameter defaults, in one ROS-free place.
+
+``spatial_node`` declares its parameters with these values and bag replay reads the same ones, so an
+answer computed offline uses exactly the settings the live node would have used.
+"""
+from __future__ import annotations
+
+import os
+
+from . import paths
+from .engine.images import DEFAULT_MAX_PIXELS
+
+NODE_NAME = "spatial_node"
+# Per-topic suffixes in ``image_topics`` that force the message type.
+COMPRESSED_SUFFIX = ":compressed"
+RAW_SUFFIX = ":raw"
+
+
+def default_adapters() -> list[str]:
+    """The embedded spatial adapter as a 'name=path' entry, when its folder exists."""
+    d = paths.default_adapter_dir()
+    return [f"{paths.EMBEDDED_ADAPTER_NAME}={d}"] if os.path.isdir(d) else []
+
+
+def node_defaults() -> dict:
+    """Every parameter of ``spatial_node`` with its default value."""
+    adapters = default_adapters()
+    return {
+        "model_path": "",
+        "adapters": adapters,
+        "active_adapter": paths.EMBEDDED_ADAPTER_NAME if adapters else "",
+        "device": "auto",
+        "dtype": "auto",
+        "attn_implementation": "auto",
+        "num_crops": 0,
+        "image_topics": ["/camera/image_raw"],
+        "window.num_frames": 1,
+        "window.min_interval_s": 0.5,
+        "window.max_age_s": 2.0,
+        "window.capacity": 8,
+        "queue.max_pending": 4,
+        "request_timeout_s": 60.0,
+        "generation.max_new_tokens": 128,
+        "plan.max_new_tokens": 256,
+        "max_image_pixels": DEFAULT_MAX_PIXELS,
+        "diagnostics_period_s": 1.0,
+        "autostart": True,
+    }
