@@ -1,9 +1,20 @@
 """ament_python setup for phi3v_spatial (works with colcon and with plain pip)."""
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "phi3v_spatial"
+
+
+def model_files():
+    """The embedded model folders under models/, installed to share/phi3v_spatial/models/ (colcon / pip)."""
+    out = []
+    for root, _, files in os.walk("models"):
+        if files:
+            out.append((os.path.join("share", PACKAGE, root), [os.path.join(root, f) for f in sorted(files)]))
+    return out
+
 
 setup(
     name=PACKAGE,
@@ -14,7 +25,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
-    ],
+    ] + model_files(),
     install_requires=["setuptools"],
     zip_safe=True,
     maintainer="phi3v_spatial maintainers",
