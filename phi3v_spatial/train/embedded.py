@@ -37,7 +37,7 @@ class Recipe:
     # a. data
     train_seed: int = 1
     eval_seed: int = 90_001
-    train_scenes: int = 3000
+    train_scenes: int = 5000
     eval_scenes: int = 250
     image_size: tuple = (160, 120)
     # b. tokenizer
@@ -50,26 +50,31 @@ class Recipe:
     vision_heads: int = 4
     vision_intermediate: int = 384
     layer_idx: int = -1
-    hidden: int = 192
+    hidden: int = 128
     layers: int = 4
-    heads: int = 6
-    intermediate: int = 512
+    heads: int = 4
+    intermediate: int = 384
     num_crops: int = 1
     init_seed: int = 0
+    colour_patch_init: bool = True
+    sincos_positions: bool = True
+    sincos_scale: float = 0.5
     # d. pretraining
-    base_steps: int = 600
+    base_steps: int = 500
     base_batch: int = 32
-    base_lr: float = 1e-3
+    base_lr: float = 2e-3
     base_warmup: int = 50
     # e. adapter
-    lora_steps: int = 600
+    lora_steps: int = 900
     lora_batch: int = 32
-    lora_lr: float = 1e-3
+    lora_lr: float = 2e-3
     lora_warmup: int = 50
     lora_r: int = 16
     lora_alpha: float = 32
     lora_vision: bool = True
-    lora_extra_targets: list = field(default_factory=list)
+    # lm_head too (as in the CookBook): the base never emitted "yes"/"no", pretraining pushed those output
+    # rows down, and without adapting the head the adapter can barely raise them.
+    lora_extra_targets: list = field(default_factory=lambda: ["lm_head"])
     # f. evaluation
     eval_limit: int | None = None
     seed: int = 0
@@ -129,11 +134,62 @@ def make_base_checkpoint(out: str, tokenizer_dir: str, r: Recipe) -> str:
     torch.manual_seed(r.init_seed)
     model = Phi3VForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     model.apply(model._init_weights)
+    vm = model.model.vision_embed_tokens.img_processor.vision_model
+    if r.colour_patch_init:
+        with torch.no_grad():
+            w = vm.embeddings.patch_embedding.weight          # (hidden, 3, patch, patch)
+            w[: 12].copy_(quadrant_colour_filters(w.shape[-1]))
+    if r.sincos_positions:
+        emb = vm.embeddings.position_embedding
+        with torch.no_grad():
+            emb.weight.copy_(sincos_2d(emb.weight.shape[0] - 1, emb.weight.shape[1]) * r.sincos_scale)
     for f in os.listdir(out):
         if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
             os.remove(os.path.join(out, f))
     model.save_pretrained(out)
     return out
+
+
+def quadrant_colour_filters(patch: int):
+    """12 patch-embedding filters: mean R, G, B of each patch quadrant. With them a from-scratch tower
+    sees colours (which name the objects) and their sub-patch location at step 0; the other filters
+    stay randomly initialised and everything remains trainable."""
+    import torch
+
+    half = patch // 2
+    w = torch.zeros(12, 3, patch, patch)
+    k = 0
+    for qy in range(2):
+        for qx in range(2):
+            ys = slice(qy * half, patch if qy else half)
+            xs = slice(qx * half, patch if qx else half)
+            n = (ys.stop - ys.start) * (xs.stop - xs.start)
+            for c in range(3):
+                w[k, c, ys, xs] = 1.0 / n
+                k += 1
+    return w
+
+
+def sincos_2d(num_patches: int, dim: int):
+    """CLS row (zeros) + 2D sine-cosine position embeddings (MAE-style): x and y are linearly readable
+    from the patch features from the first step, which a tiny ViT trained from scratch on a few
+    thousand images would otherwise have to discover."""
+    import math
+
+    import torch
+
+    side = int(round(math.sqrt(num_patches)))
+    if side * side != num_patches or dim % 4:
+        raise ValueError(f"need a square patch grid and dim % 4 == 0, got {num_patches} patches, dim {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coord[:, None] * omega[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
 
 
 def _copy_model_files(src: str, dst: str) -> None:
