@@ -46,3 +46,21 @@ def node_defaults() -> dict:
         "diagnostics_period_s": 1.0,
         "autostart": True,
     }
+
+
+def resolve_model_and_adapters(model_path: str, adapters: dict[str, str], active_adapter: str
+                               ) -> tuple[str, dict[str, str], str]:
+    """The model folder/hub id, adapters and active adapter actually to load.
+
+    ``model_path`` "" means the embedded model. The embedded adapter is only a *default* of the embedded
+    model: when another model is configured and the adapters were left at their default, no adapter is
+    loaded (the embedded one would not fit the other model's shapes).
+    """
+    embedded_dir = paths.default_model_dir()
+    is_embedded = not model_path or os.path.abspath(os.path.expanduser(model_path)) == os.path.abspath(embedded_dir)
+    default = {paths.EMBEDDED_ADAPTER_NAME: paths.default_adapter_dir()} if default_adapters() else {}
+    if not is_embedded and default and adapters == default:
+        adapters = {}
+        if active_adapter == paths.EMBEDDED_ADAPTER_NAME:
+            active_adapter = ""
+    return (model_path or embedded_dir), adapters, active_adapter

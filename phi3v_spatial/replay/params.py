@@ -127,7 +127,6 @@ class ReplaySettings:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     num_crops: int = 0
-    adapters_from_file: bool = False
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
@@ -152,7 +151,6 @@ class ReplaySettings:
             )
         except (TypeError, ValueError) as e:
             raise ParamsError(f"parameters from {source}: {e}") from None
-        settings.adapters_from_file = "adapters" in params
         return settings
 
     def check(self) -> None:

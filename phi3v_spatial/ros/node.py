@@ -31,7 +31,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from phi3v_spatial import paths
-from phi3v_spatial.settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX, node_defaults
+from phi3v_spatial.settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX, node_defaults, resolve_model_and_adapters
 from phi3v_spatial.engine.images import ImageDecodeError, decode_raw
 from phi3v_spatial.engine.window import Frame, FrameWindow, WindowError
 from phi3v_spatial.engine.worker import InferenceWorker, JobCancelled, JobError, JobRejected, JobTimeout
@@ -234,7 +234,6 @@ class SpatialNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._params()
-        model_path = p["model_path"] or paths.default_model_dir()
         try:
             adapters = {}
             for entry in p["adapters"]:
@@ -242,7 +241,7 @@ class SpatialNode(LifecycleNode):
                 if not sep or not name.strip() or not path.strip():
                     raise RequestError(f"adapters entry {entry!r} is not 'name=path'")
                 adapters[name.strip()] = os.path.expanduser(path.strip())
-            active = p["active_adapter"].strip()
+            model_path, adapters, active = resolve_model_and_adapters(p["model_path"], adapters, p["active_adapter"].strip())
             if active and active.lower() != "none" and active not in adapters:
                 raise RequestError(f"active_adapter {active!r} is not among the adapters parameter ({list(adapters) or 'none'})")
             self.get_logger().info(f"loading model from {model_path} (device={p['device']}, dtype={p['dtype']}, "

@@ -29,6 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text while it is generated")
 
 
+def adapter_names(dirs: list[str]) -> dict[str, str]:
+    """``--adapter DIR`` folders named after their folder (made unique: two folders may share a basename)."""
+    out: dict[str, str] = {}
+    for i, d in enumerate(dirs):
+        base = os.path.basename(os.path.normpath(d)) or f"adapter{i}"
+        name, n = base, 2
+        while name in out:
+            name, n = f"{base}-{n}", n + 1
+        out[name] = d
+    return out
+
+
 def _load_rgb(path: str):
     import cv2
 
@@ -41,17 +53,22 @@ def _load_rgb(path: str):
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ...paths import default_adapter_dir, default_model_dir
+    from ...settings import node_defaults, resolve_model_and_adapters
     from ..engine import EngineError, SpatialEngine
     from ..parsing import Relation
 
-    model = args.model or default_model_dir()
-    adapters = {os.path.basename(os.path.normpath(a)) or f"adapter{i}": a for i, a in enumerate(args.adapter)}
-    if not args.model and not args.adapter and not args.no_adapter and os.path.isdir(default_adapter_dir()):
-        adapters = {"spatial": default_adapter_dir()}
+    adapters = adapter_names(args.adapter)
+    active = list(adapters)[-1] if adapters else ""
+    if not args.adapter:  # the node's defaults: the embedded adapter, for the embedded model only
+        defaults = node_defaults()
+        adapters = dict(entry.split("=", 1) for entry in defaults["adapters"])
+        active = defaults["active_adapter"]
+    model, adapters, active = resolve_model_and_adapters(args.model, adapters, active)
+    if args.no_adapter:
+        adapters, active = {}, ""
     images = [_load_rgb(p) for p in args.image]
     try:
-        engine = SpatialEngine.from_pretrained(model, adapters=adapters, active_adapter=list(adapters)[-1] if adapters else None,
+        engine = SpatialEngine.from_pretrained(model, adapters=adapters, active_adapter=active or None,
                                                device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                                                num_crops=args.num_crops)
         stream = (lambda text, n: print(f"\r{text}", end="", file=sys.stderr, flush=True)) if args.stream else None

@@ -15,7 +15,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bag", help="rosbag2 folder (with metadata.yaml) or a single .mcap / .db3 file")
-    p.add_argument("--questions", required=True, metavar="YAML", help="questions file (see docs/REPLAY.md)")
+    p.add_argument("--questions", required=True, metavar="YAML", help="questions file (format: README, section Offline replay)")
     p.add_argument("--out", default="", metavar="JSONL",
                    help="results, one JSON line per question ('-' = stdout; default: QUESTIONS.results.jsonl)")
     p.add_argument("--params", default="", metavar="YAML",
@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace):
     """Node parameters from --params, then the CLI's overrides; model/adapters default like the node's."""
-    from ...paths import default_model_dir
+    from ...engine.commands.ask import adapter_names
+    from ...settings import resolve_model_and_adapters
     from ..params import ReplaySettings, load_node_params
 
     settings = ReplaySettings.from_params(load_node_params(args.params or None), args.params or "defaults")
@@ -55,13 +56,11 @@ def resolve_settings(args: argparse.Namespace):
         settings.dtype = args.dtype
     if args.model:
         settings.model_path = args.model
-        if not settings.adapters_from_file:  # the embedded adapter belongs to the embedded model only
-            settings.adapters, settings.active_adapter = {}, ""
     if args.adapter:
-        settings.adapters = {os.path.basename(os.path.normpath(a)) or f"adapter{i}": a for i, a in enumerate(args.adapter)}
+        settings.adapters = adapter_names(args.adapter)
         settings.active_adapter = list(settings.adapters)[-1]
-    if not settings.model_path:
-        settings.model_path = default_model_dir()
+    settings.model_path, settings.adapters, settings.active_adapter = resolve_model_and_adapters(
+        settings.model_path, settings.adapters, settings.active_adapter)
     if args.no_adapter:
         settings.adapters, settings.active_adapter = {}, ""
     settings.check()
