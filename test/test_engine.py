@@ -51,19 +51,28 @@ def test_cancel_stops_within_a_token(engine):
     assert res.cancelled and res.tokens_generated == 2
 
 
-def test_relation_scores_equal_a_full_forward_per_candidate(engine):
-    """Prefix caching is an optimisation only: the probabilities match running each prompt whole."""
+@pytest.mark.parametrize("straddle", [False, True], ids=["prefix-cache", "longrope-switch-no-cache"])
+def test_relation_scores_equal_a_full_forward_per_candidate(engine, straddle, monkeypatch):
+    """Prefix caching is an optimisation only: the probabilities match running each prompt whole.
+
+    With ``straddle`` the LongRoPE switch is placed inside the prompts, where the engine must not share a prefix.
+    """
     import torch
 
     frames = _frames(1, n=2)
     cands = [Relation("red cube", "left of", "blue sphere"), Relation("green cone", "behind", "red cube"),
              Relation("red cube", "bigger than", "yellow cylinder")]
+    if straddle:  # the switch between the shared prefix and the end of the shortest prompt
+        shortest = min(engine._encode(prompts.chat_prompt(prompts.relation_question(c.subject, c.relation, c.object), 2),
+                                      frames)["input_ids"].shape[1] for c in cands)
+        monkeypatch.setattr(engine.model.config, "original_max_position_embeddings", shortest - 2, raising=False)
     got = engine.query_relations(cands, frames)
     for c, r in zip(cands, got):
         text = prompts.chat_prompt(prompts.relation_question(c.subject, c.relation, c.object), len(frames))
         with torch.inference_mode():
             logits = engine.model(**engine._encode(text, frames)).logits[0, -1]
-        pair = torch.stack([logits[engine.yes_id], logits[engine.no_id]])
+        logp = torch.log_softmax(logits.float(), -1)
+        pair = torch.stack([torch.logsumexp(logp[engine.yes_ids], 0), torch.logsumexp(logp[engine.no_ids], 0)])
         assert r.probability == pytest.approx(float(torch.softmax(pair, 0)[0]), abs=1e-5)
         assert 0.0 <= r.probability <= 1.0 and r.holds == (r.probability >= 0.5)
 
@@ -84,6 +93,27 @@ def test_yes_no_tokens_follow_the_assistant_tag(engine):
     tok = engine.processor.tokenizer
     assert tok.decode([engine.yes_id]).strip() == "yes"
     assert tok.decode([engine.no_id]).strip() == "no"
+    # the official tokenizer has single tokens for the capitalised answers too; they count towards P(yes)/P(no)
+    assert {tok.decode([i]).strip().lower() for i in engine.yes_ids} == {"yes"}
+    assert {tok.decode([i]).strip().lower() for i in engine.no_ids} == {"no"}
+
+
+def test_relation_probability_counts_capitalised_answers(checkpoint):
+    """A checkpoint that puts its answer mass on "Yes" (as the official ones do) scores P(yes) close to 1."""
+    import torch
+
+    eng = SpatialEngine.from_pretrained(checkpoint, device="cpu")
+    cap_yes = [i for i in eng.yes_ids if i != eng.yes_id]
+    if not cap_yes:
+        pytest.skip("this tokenizer has no single-token capitalised 'Yes'")
+    head = torch.nn.Linear(eng.model.config.hidden_size, eng.model.config.vocab_size, bias=True)
+    with torch.no_grad():  # a head that answers "Yes" whatever it sees
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[cap_yes[0]] = 20.0
+    eng.model.lm_head = head
+    (r,) = eng.query_relations([Relation("red cube", "left of", "blue sphere")], _frames())
+    assert r.probability > 0.9 and r.holds
 
 
 def test_plan_from_a_random_model_fails_with_a_reason(engine):

@@ -8,7 +8,6 @@ against misuse anyway.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import re
@@ -25,7 +24,6 @@ from .parsing import PlanParseError, Relation, parse_plan, relation_from_questio
 OnText = Callable[[str, int], None]
 ShouldStop = Callable[[], bool]
 
-STOP_TOKENS = ("<|end|>", "<|endoftext|>", "</s>")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -88,10 +86,14 @@ class SpatialEngine:
         self.max_image_pixels = max_image_pixels
         self._lock = threading.RLock()
         self._adapters = None
-        tok = processor.tokenizer
-        ids = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-        self.stop_ids = {i for i in ids if i is not None and i != tok.unk_token_id}
+        self.stop_ids = set(processor.stop_token_ids)
         self.yes_id, self.no_id = self._answer_first_tokens(prompts.YES, prompts.NO)
+        # Checkpoints trained elsewhere answer "Yes"/"No" as often as "yes"/"no": score every spelling that is a
+        # single token, so P(yes) does not collapse to noise when the mass sits on the capitalised form.
+        self.yes_ids = self._single_token_spellings(prompts.YES, self.yes_id)
+        self.no_ids = self._single_token_spellings(prompts.NO, self.no_id)
+        if set(self.yes_ids) & set(self.no_ids):
+            raise EngineError("the tokenizer's yes and no spellings share tokens; yes/no scoring impossible")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -117,10 +119,11 @@ class SpatialEngine:
             raise EngineError(f"device/dtype/attention settings cannot be used here: {e}") from e
         try:
             processor = Phi3VProcessor.from_pretrained(model_path, **({"num_crops": num_crops} if num_crops else {}))
-            model = Phi3VForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype, attn_implementation=attn)
+            model = Phi3VForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype, device_map=str(dev),
+                                                     attn_implementation=attn)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise EngineError(f"could not load the model from {model_path!r}: {e}") from e
-        model.to(dev).eval()
+        model.eval()
         engine = cls(model, processor, device=str(dev), dtype=torch_dtype, attn_implementation=attn,
                      model_path=model_path, max_image_pixels=max_image_pixels)
         for name, path in (adapters or {}).items():
@@ -246,6 +249,18 @@ class SpatialEngine:
             raise EngineError(f"answers {answers} start with the same token; yes/no scoring impossible")
         return ids
 
+    def _single_token_spellings(self, word: str, canonical: int) -> list[int]:
+        """Token ids of word / Word / WORD where that spelling is one token right after the assistant tag."""
+        tok = self.processor.tokenizer
+        prompt = prompts.chat_prompt("Q", 0)
+        base = tok(prompt)["input_ids"]
+        ids = [canonical]
+        for spelling in (word.capitalize(), word.upper()):
+            full = tok(prompt + spelling)["input_ids"]
+            if full[: len(base)] == base and len(full) == len(base) + 1 and full[-1] not in ids:
+                ids.append(full[-1])
+        return ids
+
     def _encode(self, text: str, images: Sequence[np.ndarray], image_features=None):
         batch = self.processor(text, images=list(images) or None, return_tensors="pt", image_features=image_features)
         dev = self.device
@@ -267,7 +282,7 @@ class SpatialEngine:
             tok = self.processor.tokenizer
             batch = self._encode(text, images)
             mask = batch["attention_mask"]
-            out = self._net(**batch, use_cache=True)
+            out = self._net(**batch, use_cache=True, logits_to_keep=1)
             generated: list[int] = []
             text_so_far = ""
             cancelled = False
@@ -286,11 +301,16 @@ class SpatialEngine:
                     break
                 mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
                 out = self._net(input_ids=torch.tensor([[next_id]], device=self.device), attention_mask=mask,
-                                past_key_values=out.past_key_values, use_cache=True)
+                                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
             return _Generation(text_so_far, len(generated), cancelled)
 
     def _yes_probabilities(self, texts: list[str], images, should_stop: ShouldStop | None = None) -> list[float]:
-        """Run the shared prefix (images included) once, then each candidate's suffix on a copy of the cache."""
+        """Run the shared prefix (images included) once, then each candidate's suffix on the same cache.
+
+        The cache is cropped back to the prefix after every candidate. When the prompts cross the LongRoPE
+        short/long switch but the prefix does not, the prefix would be rotated with the wrong factors, so each
+        candidate then runs whole, as the reference would.
+        """
         torch = self._torch
         with self._lock, torch.inference_mode():
             self._check_ready()
@@ -301,17 +321,27 @@ class SpatialEngine:
             shortest = min(len(i) for i in ids)
             while common < shortest - 1 and all(i[common] == ids[0][common] for i in ids):
                 common += 1
-            first = encoded[0]
-            prefix = self._net(input_ids=first["input_ids"][:, :common], attention_mask=first["attention_mask"][:, :common],
-                               pixel_values=first.get("pixel_values"), image_sizes=first.get("image_sizes"), use_cache=True)
+            switch = getattr(self.model.config, "original_max_position_embeddings", None)
+            if switch and common <= switch < max(len(i) for i in ids):
+                common = 0
+            cache = None
+            if common:
+                first = encoded[0]
+                cache = self._net(input_ids=first["input_ids"][:, :common], attention_mask=first["attention_mask"][:, :common],
+                                  pixel_values=first.get("pixel_values"), image_sizes=first.get("image_sizes"),
+                                  use_cache=True, logits_to_keep=1).past_key_values
+            yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
             probs = []
             for i, e in enumerate(encoded):
                 if should_stop and should_stop():
                     raise EngineError(f"stopped after scoring {i} of {len(encoded)} candidates (cancelled or past the deadline)")
-                cache = copy.deepcopy(prefix.past_key_values)
-                out = self._net(input_ids=e["input_ids"][:, common:], attention_mask=e["attention_mask"],
-                                past_key_values=cache, use_cache=True)
-                logits = out.logits[0, -1].float()
-                pair = torch.stack([logits[self.yes_id], logits[self.no_id]])
+                if cache is None:
+                    out = self._net(**e, logits_to_keep=1)
+                else:
+                    out = self._net(input_ids=e["input_ids"][:, common:], attention_mask=e["attention_mask"],
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache.crop(-(cache.get_seq_length() - common))  # back to the shared prefix
+                logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+                pair = torch.stack([torch.logsumexp(logp[yes], 0), torch.logsumexp(logp[no], 0)])
                 probs.append(float(torch.softmax(pair, dim=0)[0]))
             return probs
