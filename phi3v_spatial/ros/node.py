@@ -45,6 +45,7 @@ from .messages import (
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+MAX_PENDING_LIMIT = 64  # upper bound of queue.max_pending; the executor is sized for it
 FEEDBACK_MIN_PERIOD_S = 0.02  # stream at most ~50 partial-text feedbacks per second
 
 
@@ -154,7 +155,7 @@ class SpatialNode(LifecycleNode):
             0.0, 86400.0))
         declare("window.capacity", _int_desc("Keyframes kept per camera", 1, 256))
         declare("queue.max_pending", _int_desc(
-            "Requests allowed to wait behind the running one; more are rejected at once", 0, 64))
+            "Requests allowed to wait behind the running one; more are rejected at once", 0, MAX_PENDING_LIMIT))
         declare("request_timeout_s", _float_desc(
             "Deadline per request, queue time included", 0.1, 3600.0))
         declare("generation.max_new_tokens", _int_desc(
@@ -736,7 +737,9 @@ def main(args=None) -> int:
     try:
         node = SpatialNode()
         # One thread per request that may wait on the worker, plus room for cameras, timers, lifecycle, params.
-        threads = max(8, int(node._p("queue.max_pending")) + 6)
+        # Every waiting request holds an executor thread; size the pool for the largest queue.max_pending the
+        # parameter allows (it can be raised at runtime), plus the running job, cameras, lifecycle and parameters.
+        threads = MAX_PENDING_LIMIT + 1 + 6
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
         executor.spin()
