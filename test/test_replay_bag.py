@@ -401,3 +401,20 @@ def test_synth_bag_and_questions_replay_cleanly(tmp_path, engine):
         assert r["error"] == "" or r["error"].startswith("could not parse a plan"), r["error"]
         assert r["correct"] in (True, False)
     assert out.summary["all"]["scored"] == len(q)
+
+
+def test_an_engine_failure_fails_only_its_question_simulated_oom(bag, engine, tmp_path, monkeypatch):
+    """A CUDA out-of-memory cannot happen here, so ask() is made to raise one for a single question (a stand-in)."""
+    real_ask = engine.ask
+
+    def ask(question, *a, **kw):
+        if "boom" in question:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_ask(question, *a, **kw)
+
+    monkeypatch.setattr(engine, "ask", ask)
+    entries = [{"id": "bad", "at": 0.5, "type": "ask", "question": "boom?", "topics": [CAM0]},
+               {"id": "good", "at": 0.5, "type": "ask", "question": "Is the cube red?", "topics": [CAM0]}]
+    r = by_id(Replayer(engine, settings()).run(bag, questions(tmp_path, entries)))
+    assert "unexpected RuntimeError: CUDA out of memory" in r["bad"]["error"]
+    assert not r["good"].get("error") and isinstance(r["good"]["answer"], str)

@@ -216,6 +216,8 @@ class Replayer:
                            error=r.error and f"could not parse a plan from the model output: {r.error}")  # as the node says
         except EngineError as e:
             out["error"] = f"{where}: {e}"
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this question fails, the others still run
+            out["error"] = f"{where}: unexpected {type(e).__name__}: {e}"
         out["latency_s"] = time.perf_counter() - t0
         return out
 
