@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 
 # Network rule: DDS discovery stays on this host, and every run gets its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
-export ROS_DOMAIN_ID ?= $(shell echo $$(( ($$$$ % 90) + 10 )))
+ifndef ROS_DOMAIN_ID
+ROS_DOMAIN_ID := $(shell echo $$(( ($$$$ % 90) + 10 )))
+endif
+export ROS_DOMAIN_ID
 
 .PHONY: setup demo test bench embedded clean
 

@@ -9,7 +9,8 @@ import random
 import sys
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ["ROS_DOMAIN_ID"] = os.environ.get("PHI3V_TEST_DOMAIN_ID") or str(random.SystemRandom().randint(10, 99))
+# The domain chosen by the caller (make test / .ci/run pick one per run), else a random one for a bare pytest.
+os.environ["ROS_DOMAIN_ID"] = os.environ.get("ROS_DOMAIN_ID") or str(random.SystemRandom().randint(10, 99))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so tests can import test/fixtures helpers
 
