@@ -138,3 +138,18 @@ def test_runtime_reconfigure_validates():
     for t in range(5):
         win.add("/a", s(t), raw())
     assert len(win.select(num_frames=9).frames) == 2
+
+
+def test_cameras_at_different_rates_are_aligned_by_stamp():
+    """A 20 Hz and a 1 Hz camera: each slot pairs the slow camera's frame with the fast camera's nearest one."""
+    win = FrameWindow(num_frames=2, min_interval_s=0.0, max_age_s=0, capacity=64)
+    for k in range(61):  # fast: 0.00 .. 3.00 s every 0.05 s
+        win.add("/fast", s(k * 0.05), raw(1))
+    for t in (0.02, 1.02, 2.02):  # slow: once a second
+        win.add("/slow", s(t), raw(2))
+    sel = win.select(["/fast", "/slow"])
+    # slot times are the slow camera's frames (1.02, 2.02); the fast camera answers with 1.00 and 2.00
+    assert sel.stamps_ns == [s(1.0), s(1.02), s(2.0), s(2.02)]
+    assert sel.skew_ns == s(0.02)
+    one = win.select(["/fast", "/slow"], num_frames=1)
+    assert one.stamps_ns == [s(2.0), s(2.02)] and one.skew_ns == s(0.02)

@@ -103,7 +103,7 @@ class Selection:
     """Frames chosen for one request, oldest slot first, cameras in a fixed (sorted) order inside a slot."""
     frames: list[Frame]
     topics: list[str]
-    skew_ns: int = 0  # spread of the latest stamps across cameras
+    skew_ns: int = 0  # largest stamp spread across cameras within one slot
     ages_s: dict = field(default_factory=dict)
 
     @property
@@ -261,17 +261,33 @@ class FrameWindow:
                     if kf.stamp_ns < chosen[-1].stamp_ns and chosen[-1].stamp_ns - kf.stamp_ns >= min_ns:
                         chosen.append(kf)
                 per_topic[t] = list(reversed(chosen))  # oldest first
-            latest_stamps = [per_topic[t][-1].stamp_ns for t in wanted]
-            slots = max(len(v) for v in per_topic.values())
+            # Align by stamp: the camera with the most frames (ties: the one whose newest frame is oldest) sets
+            # the slot times; every other camera contributes, per slot, its held frame nearest to that time.
+            ref = max(wanted, key=lambda t: (len(per_topic[t]), -per_topic[t][-1].stamp_ns))
             frames: list[Frame] = []
-            for s in range(slots):  # align by slot counted from the newest frame of each camera
+            skew = 0
+            for anchor in per_topic[ref]:
+                slot = []
                 for t in wanted:
-                    lst = per_topic[t]
-                    k = len(lst) - slots + s
-                    if k >= 0:
-                        frames.append(lst[k])
-            return Selection(frames=frames, topics=wanted, skew_ns=max(latest_stamps) - min(latest_stamps),
-                             ages_s=ages)
+                    if t == ref:
+                        slot.append(anchor)
+                        continue
+                    pool = self._held(t, now_ns, max_age_ns)
+                    slot.append(min(pool, key=lambda f: (abs(f.stamp_ns - anchor.stamp_ns), -f.stamp_ns)))
+                stamps = [f.stamp_ns for f in slot]
+                skew = max(skew, max(stamps) - min(stamps))
+                frames.extend(slot)
+            return Selection(frames=frames, topics=wanted, skew_ns=skew, ages_s=ages)
+
+    def _held(self, topic: str, now_ns: int | None, max_age_ns: int) -> list[Frame]:
+        """Keyframes and the latest frame of a camera that are not older than the age limit."""
+        buf = self._topics[topic]
+        pool = list(buf.keyframes)
+        if not pool or pool[-1] is not buf.latest:
+            pool.append(buf.latest)
+        if now_ns is not None and max_age_ns > 0:
+            pool = [f for f in pool if now_ns - f.stamp_ns <= max_age_ns] or [buf.latest]
+        return pool
 
     # -- status ------------------------------------------------------------------------------
     def stats(self, now_ns: int | None = None) -> dict[str, dict]:
