@@ -239,6 +239,8 @@ def test_parameters_are_validated_on_set(client):
     assert not r.successful  # read-only: changing the model needs a restart
     r = set_("window.max_age_s", type=ParameterType.PARAMETER_DOUBLE, double_value=6.0)
     assert r.successful
+    r = set_("image_topics", type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=["/front//image"])
+    assert not r.successful and "invalid topic name '/front//image'" in r.reason
 
 
 def test_stale_window_is_an_error_naming_the_topic(client):

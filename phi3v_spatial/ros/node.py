@@ -25,6 +25,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.expand_topic_name import expand_topic_name
+from rclpy.validate_full_topic_name import validate_full_topic_name
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -188,8 +189,11 @@ class SpatialNode(LifecycleNode):
                 for t in value or []:
                     base = t[: -len(COMPRESSED_SUFFIX)] if t.endswith(COMPRESSED_SUFFIX) else t
                     base = base[: -len(RAW_SUFFIX)] if base.endswith(RAW_SUFFIX) else base
-                    if not base.strip() or " " in base:
-                        return SetParametersResult(successful=False, reason=f"image_topics: invalid topic name {t!r}")
+                    try:
+                        validate_full_topic_name(expand_topic_name(base.strip(), self.get_name(), self.get_namespace()))
+                    except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds for bad names
+                        return SetParametersResult(successful=False,
+                                                   reason=f"image_topics: invalid topic name {t!r}: {exc}")
             elif name == "active_adapter":
                 engine = self._engine
                 if engine is not None and value.strip().lower() not in ("", "none") \
@@ -217,14 +221,34 @@ class SpatialNode(LifecycleNode):
             self._sync_subscriptions()
         if "active_adapter" in names and self._worker is not None and not getattr(self._adapter_param_sync, "on", False):
             name = names["active_adapter"]
+            engine = self._engine
+
+            def done(j):
+                if j.state == "done":
+                    self.get_logger().info(f"active adapter is now {name or 'none'}")
+                else:  # the parameter must not claim an adapter the model is not running
+                    self.get_logger().error(f"could not activate adapter {name!r}: {j.exception()}; "
+                                            f"active_adapter stays {engine.active_adapter or 'none'!r}")
+                    self._sync_adapter_parameter(engine)
+
             try:
-                job = self._worker.submit(lambda job: self._engine.set_adapter(name), timeout_s=self._p("request_timeout_s"),
+                job = self._worker.submit(lambda job: engine.set_adapter(name), timeout_s=self._p("request_timeout_s"),
                                           name=f"set_adapter({name})")
-                job.add_done_callback(lambda j: self.get_logger().info(f"active adapter is now {name or 'none'}")
-                                      if j.state == "done" else self.get_logger().error(
-                                          f"could not activate adapter {name!r}: {j.exception()}"))
+                job.add_done_callback(done)
             except JobRejected as exc:
                 self.get_logger().error(f"could not activate adapter {name!r}: {exc}")
+                # set_parameters from inside the parameter callback would recurse: revert from a one-shot timer
+                self._revert_timer = self.create_timer(0.0, lambda: (self._revert_timer.cancel(),
+                                                                     self._sync_adapter_parameter(engine)),
+                                                       callback_group=self._timer_group)
+
+    def _sync_adapter_parameter(self, engine) -> None:
+        """Make the active_adapter parameter show what the engine runs (without switching anything)."""
+        self._adapter_param_sync.on = True
+        try:
+            self.set_parameters([Parameter("active_adapter", value=engine.active_adapter)])
+        finally:
+            self._adapter_param_sync.on = False
 
     # ------------------------------------------------------------------ lifecycle
     def _autostart(self) -> None:
@@ -552,11 +576,7 @@ class SpatialNode(LifecycleNode):
                 raise RequestError(f"unknown adapter {name!r}; loaded adapters: {engine.available_adapters or 'none'} "
                                    f"(parameter adapters)")
             self._run(lambda job: engine.set_adapter(name or None, scale), self._p("request_timeout_s"), "set_adapter")
-            self._adapter_param_sync.on = True
-            try:
-                self.set_parameters([Parameter("active_adapter", value=engine.active_adapter)])
-            finally:
-                self._adapter_param_sync.on = False
+            self._sync_adapter_parameter(engine)
             res.success = True
             self._stats["ok"] += 1
         except Exception as exc:  # noqa: BLE001
