@@ -153,3 +153,12 @@ def test_cameras_at_different_rates_are_aligned_by_stamp():
     assert sel.skew_ns == s(0.02)
     one = win.select(["/fast", "/slow"], num_frames=1)
     assert one.stamps_ns == [s(2.0), s(2.02)] and one.skew_ns == s(0.02)
+
+
+def test_a_frame_too_large_for_the_limit_decodes_once_the_limit_is_raised():
+    win = FrameWindow(num_frames=1, max_age_s=0)
+    win.add("/a", s(1), raw(7, h=10, w=10))
+    (frame,) = win.select(["/a"]).frames
+    with pytest.raises(ImageDecodeError, match="too large"):
+        frame.rgb(max_pixels=50)
+    assert frame.rgb(max_pixels=1000).shape == (10, 10, 3)

@@ -77,6 +77,12 @@ def test_deadline_stops_a_running_job(worker):
     assert ei.value.partial.startswith("partial:")
 
 
+def test_a_result_completed_past_the_deadline_is_kept(worker):
+    """A function that never polls should_stop and returns late still delivers its (complete) result."""
+    job = worker.submit(lambda j: (time.sleep(0.4), "complete")[1], timeout_s=0.2)
+    assert job.result(10) == "complete" and job.state == DONE
+
+
 def test_cancel_queued_and_running(worker):
     gate, started = threading.Event(), threading.Event()
     running = worker.submit(blocking(gate, started))

@@ -41,10 +41,14 @@ class DepthImageIgnored(ImageDecodeError):
     """A depth image (16UC1/32FC1/...) reached a colour-only input: a wiring mistake, not corrupt data."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """Above the max_image_pixels limit: depends on a setting, not on the data, so it is never cached."""
+
+
 def _check_pixels(height: int, width: int, max_pixels: int | None) -> None:
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if limit > 0 and height * width > limit:
-        raise ImageDecodeError(
+        raise ImageTooLarge(
             f"image is too large: {width}x{height} = {height * width} pixels, above the limit of {limit} pixels; "
             f"downscale the camera stream or raise the '{MAX_PIXELS_PARAMETER}' parameter"
         )

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .images import ImageDecodeError, decode_compressed, decode_raw, validate_image
+from .images import ImageDecodeError, ImageTooLarge, decode_compressed, decode_raw, validate_image
 
 NS = 1_000_000_000
 # A stamp this far behind the topic's latest frame means the clock jumped back (sim restart, looped
@@ -88,6 +88,8 @@ class Frame:
                     else:
                         self._rgb = validate_image(p, max_pixels=max_pixels)
                     self.payload = None  # the decoded array replaces the message buffer
+                except ImageTooLarge as exc:  # the limit may be raised at runtime: try again next time
+                    raise ImageTooLarge(f"camera {self.topic}: {exc}") from None
                 except ImageDecodeError as exc:
                     self._error = type(exc)(f"camera {self.topic}: {exc}")
             if self._error is not None:

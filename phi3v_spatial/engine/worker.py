@@ -62,6 +62,7 @@ class Job:
         self.finished: float | None = None
         self.state = QUEUED
         self._cancel = threading.Event()
+        self.stop_signalled = False  # set once should_stop() has told the running function to stop
         self._done = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
@@ -78,7 +79,10 @@ class Job:
 
     def should_stop(self) -> bool:
         """Polled by the engine before every token: cancel requested or deadline passed."""
-        return self._cancel.is_set() or time.monotonic() >= self.deadline or self._worker._stopping
+        stop = self._cancel.is_set() or time.monotonic() >= self.deadline or self._worker._stopping
+        if stop:
+            self.stop_signalled = True
+        return stop
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -266,7 +270,8 @@ class InferenceWorker:
                 error, state = exc, FAILED
             if error is None and job.cancel_requested:
                 error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
-            elif error is None and time.monotonic() >= job.deadline:
+            elif error is None and job.stop_signalled and time.monotonic() >= job.deadline:
+                # only a job the deadline actually cut short; a result completed just after it is kept
                 error, state = JobTimeout(
                     f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
                     f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
