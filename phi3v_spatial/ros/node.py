@@ -22,6 +22,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.expand_topic_name import expand_topic_name
@@ -107,8 +108,11 @@ class SpatialNode(LifecycleNode):
         self._plans_pub = self.create_lifecycle_publisher(PlanStamped, "~/plans", 10)
         # Diagnostics report in every state (including "model not loaded" and configure failures).
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # On a steady clock: under use_sim_time a ROS-time timer stops while /clock is paused or held, and the
+        # node would fall silent exactly when someone looks at it (the header stamp is still the node's clock).
+        self._diag_clock = Clock(clock_type=ClockType.STEADY_TIME)
         self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics,
-                                             callback_group=self._timer_group)
+                                             callback_group=self._timer_group, clock=self._diag_clock)
 
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -216,7 +220,7 @@ class SpatialNode(LifecycleNode):
             self._diag_timer.cancel()
             self.destroy_timer(self._diag_timer)
             self._diag_timer = self.create_timer(names["diagnostics_period_s"], self._publish_diagnostics,
-                                                 callback_group=self._timer_group)
+                                                 callback_group=self._timer_group, clock=self._diag_clock)
         if "image_topics" in names and self._state == "active":
             self._sync_subscriptions()
         if "active_adapter" in names and self._worker is not None and not getattr(self._adapter_param_sync, "on", False):
@@ -254,6 +258,8 @@ class SpatialNode(LifecycleNode):
     def _autostart(self) -> None:
         self._autostart_timer.cancel()
         self.destroy_timer(self._autostart_timer)
+        if self._state != "unconfigured":
+            return  # a lifecycle manager got there first
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS and self._state == "inactive":
             self.trigger_activate()
 
@@ -739,6 +745,7 @@ class SpatialNode(LifecycleNode):
                     lvl, msg = DiagnosticStatus.OK, "receiving"
                 kv = {"frames": str(st["frames"]), "received": str(st["received"]), "dropped": str(st["dropped"]),
                       "age_s": "" if age is None else f"{age:.3f}",
+                      "latest_stamp_ns": "" if st["latest_stamp_ns"] is None else str(st["latest_stamp_ns"]),
                       "type": self._subs.get(topic, (None, ""))[1]}
                 statuses.append(DiagnosticStatus(level=lvl, name=f"{hw}: camera {topic}", message=msg, hardware_id=hw,
                                                  values=[KeyValue(key=k, value=v) for k, v in kv.items()]))
