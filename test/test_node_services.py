@@ -78,8 +78,7 @@ def test_ask_uses_both_cameras_and_publishes_relations(client, node_proc):
     from phi3v_spatial_interfaces.msg import RelationsStamped
     from phi3v_spatial_interfaces.srv import AskSpatial
 
-    published = client.collect(RelationsStamped, f"{NODE}/relations")
-    time.sleep(1.0)  # let the subscription match before asking
+    published = client.collect(RelationsStamped, f"{NODE}/relations", wait=True)  # matched before asking
     req = AskSpatial.Request(question="Is the red box left of the blue box?", image_topics=[FRONT, SIDE + ":compressed"])
     res = client.call(AskSpatial, f"{NODE}/ask", req)
     assert res.success, res.error
@@ -151,8 +150,7 @@ def test_plan_streams_feedback_and_returns_a_result(client):
     from phi3v_spatial_interfaces.action import Plan
     from phi3v_spatial_interfaces.msg import PlanStamped
 
-    plans = client.collect(PlanStamped, f"{NODE}/plans")
-    time.sleep(1.0)
+    plans = client.collect(PlanStamped, f"{NODE}/plans", wait=True)  # matched before the goal is sent
     fb = []
     handle = _send_plan(client, Plan.Goal(instruction="put the red box on the blue box", image_topics=[FRONT],
                                           max_new_tokens=24), fb)

@@ -20,7 +20,7 @@ NS = 1_000_000_000
 T0 = 1_700_000_000 * NS
 CAM0, CAM1 = "/cam0/image_raw", "/cam1/image_raw/compressed"
 NODE = "/spatial_node"
-SETTLE_S = 0.5  # let the last frames and the held /clock reach the node before asking
+SETTLE_TIMEOUT_S = 30.0  # for the played frames and the held /clock to reach the node (a condition, not a delay)
 
 QUESTIONS = [
     {"id": "ask-both", "at": 0.95, "type": "ask", "question": "Is the red box left of the blue box?"},
@@ -52,7 +52,7 @@ def setup(tiny_model_dir, official_tokenizer_dir, tmp_path_factory):
         "use_sim_time": True, "model_path": tiny_model_dir, "device": "cpu", "adapters": [], "active_adapter": "",
         "image_topics": [CAM0, CAM1],
         "window.num_frames": 2, "window.min_interval_s": 0.3, "window.max_age_s": 1.0,
-        "generation.max_new_tokens": 4, "request_timeout_s": 120.0,
+        "generation.max_new_tokens": 4, "request_timeout_s": 120.0, "diagnostics_period_s": 0.1,
     }
     proc = NodeProcess(params, str(work)).start()
     client = RosClient("replay_live_test")
@@ -76,19 +76,51 @@ def _ask_node(client, q):
     return client.call(QueryRelations, f"{NODE}/query_relations", req)
 
 
+def _wait_until_node_caught_up(diag: list, t_ns: int, played: dict, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait for a /diagnostics message of the node stamped at or after ``t_ns`` (its sim clock has reached the held
+    /clock) whose cameras report the newest stamp the player published on each topic (``played``: topic -> list of
+    stamps). Then every frame was received: the window the questions see is the one replay builds."""
+    end = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < end:
+        arr = diag[-1] if diag else None  # the newest message decides (the node's clock only moves forward)
+        if arr is not None and arr.header.stamp.sec * NS + arr.header.stamp.nanosec >= t_ns:
+            cams = {s.name.rsplit(": camera ", 1)[1]: {kv.key: kv.value for kv in s.values}
+                    for s in arr.status if ": camera " in s.name}
+            seen = {t: cams.get(t, {}).get("latest_stamp_ns") for t in played}
+            if all(seen[t] == str(stamps[-1]) for t, stamps in played.items()):
+                for t, stamps in played.items():
+                    assert cams[t]["received"] == str(len(stamps)), (
+                        f"{t}: the node received {cams[t]['received']} of the {len(stamps)} frames played (lost?)")
+                return
+        time.sleep(0.05)
+    want = {t: str(stamps[-1]) for t, stamps in played.items()}
+    raise AssertionError(f"after {timeout} s the node had not caught up with bag time {t_ns}: newest /diagnostics "
+                         f"stamped >= it reported latest_stamp_ns {seen} (None: no such message), "
+                         f"expected {want}")
+
+
 def test_live_node_answers_like_replay(setup):
-    from phi3v_spatial.replay.player import BagPlayer
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from phi3v_spatial.ros.bag_player import BagPlayer
 
     bag, proc, client, work = setup
     client.wait_for_state("active", NODE, timeout=120, proc=proc)
+    diag = client.collect(DiagnosticArray, "/diagnostics", wait=True)
     player = BagPlayer(client.node, bag, pace_s=0.03)
     try:
         missing = player.wait_for_subscribers(timeout_s=30)
         assert not missing, f"the node did not subscribe to {missing}"
         live = {}
         for at in sorted({q["at"] for q in QUESTIONS}):
-            player.play_until(T0 + int(at * NS))
-            time.sleep(SETTLE_S)
+            t_ns = T0 + int(at * NS)
+            player.play_until(t_ns)
+            played = {}
+            for topic, stamp, _, _ in sorted(_frames(), key=lambda f: f[1]):
+                if stamp <= t_ns:
+                    played.setdefault(topic, []).append(stamp)
+            _wait_until_node_caught_up(diag, t_ns, played)
             for q in (q for q in QUESTIONS if q["at"] == at):
                 live[q["id"]] = _ask_node(client, q)
     finally:

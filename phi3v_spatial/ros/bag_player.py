@@ -5,7 +5,8 @@ needs the node to see the bag's frames under the bag's clock (``use_sim_time: tr
 ``rosbags`` are published as they are (rclpy ``publish(bytes)``), so the node deserialises exactly what a
 recorder stored. Unlike ``ros2 bag play`` it is stepped, not real-time: ``play_until(t)`` publishes what was
 recorded up to ``t`` and then holds ``/clock`` at ``t`` until the next step, so a test can ask its question at
-a precise bag time. This module imports rclpy; nothing else in ``phi3v_spatial.replay`` does.
+a precise bag time. It lives in ``phi3v_spatial.ros`` because it imports rclpy; the bag reading it shares with
+replay (``phi3v_spatial.replay.bag``) is ROS-free.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import importlib
 import threading
 import time
 
-from .bag import open_reader
+from phi3v_spatial.replay.bag import open_reader
 
 
 def message_class(msgtype: str):
