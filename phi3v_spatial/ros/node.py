@@ -763,7 +763,6 @@ def main(args=None) -> int:
     executor = None
     try:
         node = SpatialNode()
-        # One thread per request that may wait on the worker, plus room for cameras, timers, lifecycle, params.
         # Every waiting request holds an executor thread; size the pool for the largest queue.max_pending the
         # parameter allows (it can be raised at runtime), plus the running job, cameras, lifecycle and parameters.
         threads = MAX_PENDING_LIMIT + 1 + 6
@@ -774,11 +773,10 @@ def main(args=None) -> int:
         pass
     finally:
         if node is not None:
-            node.release()
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
-        if node is not None:
-            node.destroy_node()
+            node.release()  # stops the worker: callbacks waiting on jobs return
+        drained = executor.shutdown(timeout_sec=30.0) if executor is not None else True
+        if node is not None and drained:
+            node.destroy_node()  # never under a callback that is still running (that can crash rcl)
         rclpy.try_shutdown()
     return 0
 
