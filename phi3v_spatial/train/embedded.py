@@ -60,12 +60,12 @@ class Recipe:
     sincos_positions: bool = True
     sincos_scale: float = 0.5
     # d. pretraining
-    base_steps: int = 500
+    base_steps: int = 800
     base_batch: int = 32
     base_lr: float = 2e-3
     base_warmup: int = 50
     # e. adapter
-    lora_steps: int = 900
+    lora_steps: int = 1200
     lora_batch: int = 32
     lora_lr: float = 2e-3
     lora_warmup: int = 50
@@ -78,7 +78,7 @@ class Recipe:
     # f. evaluation
     eval_limit: int | None = None
     seed: int = 0
-    threads: int = 0              # torch CPU threads; 0 = all cores
+    threads: int = 1              # torch CPU threads (0 = all cores); 1 keeps float results identical across machines
     save_dtype: str = "float16"
 
 
@@ -279,7 +279,15 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
         reports["adapter"] = _eval(base_dir, lora_dir, held, r, os.path.join(work, "eval_adapter.json"),
                                    "base model + spatial adapter")
         times["f_eval"] = time.time() - t
-    times["total"] = time.time() - t_all
+    # A partial rerun (e.g. --stages f) keeps the timings measured for the stages it skipped.
+    prev_path = os.path.join(work, "build_summary.json")
+    if stages != "abcdef" and os.path.isfile(prev_path):
+        with open(prev_path) as f:
+            prev = json.load(f).get("times_s", {})
+        times = {**{k: v for k, v in prev.items() if k != "total"}, **times}
+        times["total"] = sum(v for k, v in times.items() if k != "total")
+    else:
+        times["total"] = time.time() - t_all
     summary = {"recipe": asdict(r), "times_s": {k: round(v, 1) for k, v in times.items()}, "reports": reports,
                "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch_threads": torch.get_num_threads()}}
     with open(os.path.join(work, "build_summary.json"), "w") as f:
@@ -325,6 +333,20 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+TARGETS = {"yesno": 0.90, "choice": 0.80}
+
+
+def target_status(summary: dict) -> str:
+    """Whether the adapter reaches the acceptance targets (yes/no >= 90%, choice >= 80% held out)."""
+    per_type = summary["reports"].get("adapter", {}).get("per_type", {})
+    parts, ok = [], True
+    for t, goal in TARGETS.items():
+        acc = (per_type.get(t) or {}).get("accuracy")
+        ok = ok and acc is not None and acc >= goal
+        parts.append(f"{t} {_pct(acc)} (target {goal:.0%})")
+    return f"**Targets {'met' if ok else 'NOT met'}** with the adapter: " + ", ".join(parts) + "."
+
+
 def eval_markdown(summary: dict) -> str:
     """The human-readable evaluation page committed next to the model."""
     rep = summary["reports"]
@@ -337,6 +359,8 @@ def eval_markdown(summary: dict) -> str:
         f"`{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}` (LoRA trained on relation yes/no + choice questions), "
         f"evaluated on {r['eval_scenes']} held-out synthetic scenes (seed {r['eval_seed']}; training seed {r['train_seed']}).",
         "yes/no: P(yes) vs P(no) of the first answer token; choice: highest answer likelihood; describe/count: greedy exact match.",
+        "",
+        target_status(summary),
         "",
         "| metric | n | base | base + adapter |",
         "|---|---:|---:|---:|",
