@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so tests can i
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+# ../shared beside the clone (PHI3V_SHARED_DIR overrides it, e.g. to run the suite as a machine without it would)
+SHARED_DIR = os.environ.get("PHI3V_SHARED_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared")
 OFFICIAL_TOKENIZER_DIR = os.path.join(SHARED_DIR, "phi3v-tokenizer")
 OFFICIAL_CONFIGS_DIR = os.path.join(SHARED_DIR, "phi3v-configs")
 
@@ -42,6 +43,23 @@ def official_configs_dir():
     if not os.path.isdir(OFFICIAL_CONFIGS_DIR):
         pytest.skip(f"official Phi-3-vision configs not found at {OFFICIAL_CONFIGS_DIR} (../shared is absent)")
     return OFFICIAL_CONFIGS_DIR
+
+
+def plumbing_tokenizer_dir_or_none():
+    """A Phi-3 tokenizer for tests that only need *a* working one: the official files when ../shared has them,
+    else the embedded model's own (same special tokens, committed in models/)."""
+    if os.path.isfile(os.path.join(OFFICIAL_TOKENIZER_DIR, "tokenizer.json")):
+        return OFFICIAL_TOKENIZER_DIR
+    embedded = os.path.join(REPO_ROOT, "models", "phi3v-spatial-tiny")
+    return embedded if os.path.isfile(os.path.join(embedded, "tokenizer.json")) else None
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    d = plumbing_tokenizer_dir_or_none()
+    if d is None:
+        pytest.skip("no tokenizer: neither ../shared/phi3v-tokenizer nor models/phi3v-spatial-tiny is present")
+    return d
 
 
 @pytest.fixture

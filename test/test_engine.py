@@ -10,11 +10,11 @@ from phi3v_spatial.engine.parsing import Relation
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, official_tokenizer_dir):
+def checkpoint(tmp_path_factory, tokenizer_dir):
     from phi3v_spatial.model.tiny import save_random_checkpoint
 
     out = str(tmp_path_factory.mktemp("tiny") / "ckpt")
-    save_random_checkpoint(out, official_tokenizer_dir, seed=3)
+    save_random_checkpoint(out, tokenizer_dir, seed=3)
     return out
 
 

@@ -27,7 +27,7 @@ def _diag_values(client, got, after: float, timeout: float = 15.0) -> dict:
     raise AssertionError("no fresh /diagnostics message")
 
 
-def test_lifecycle_through_the_standard_services(tiny_model_dir, official_tokenizer_dir, tmp_path):
+def test_lifecycle_through_the_standard_services(tiny_model_dir, tokenizer_dir, tmp_path):
     from diagnostic_msgs.msg import DiagnosticArray
     from phi3v_spatial_interfaces.srv import AskSpatial
 
@@ -105,7 +105,7 @@ def test_missing_model_fails_configure_but_node_stays_alive(tmp_path):
     assert "does not exist" in proc.log() and "no_such_model" in proc.log()
 
 
-def test_cleanup_releases_the_engine_in_process(tiny_model_dir, official_tokenizer_dir, ros_context):
+def test_cleanup_releases_the_engine_in_process(tiny_model_dir, tokenizer_dir, ros_context):
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 

@@ -21,7 +21,7 @@ NODE = "/spatial_node"
 
 
 @pytest.fixture(scope="module")
-def node_proc(tiny_model_dir, official_tokenizer_dir, tmp_path_factory):
+def node_proc(tiny_model_dir, tokenizer_dir, tmp_path_factory):
     params = {
         "model_path": tiny_model_dir, "device": "cpu", "adapters": [], "active_adapter": "",
         "image_topics": [FRONT, SIDE, STALE, BAD + ":compressed", BIG + ":compressed"],

@@ -82,7 +82,7 @@ def bag(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir, official_tokenizer_dir):
+def engine(tiny_model_dir, tokenizer_dir):
     from phi3v_spatial.engine.engine import SpatialEngine
 
     e = SpatialEngine.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
@@ -318,7 +318,7 @@ def _run_cli(*argv):
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_cli_with_params_out_bag_and_synthetic_bag(storage, tmp_path, tiny_model_dir, official_tokenizer_dir, capsys):
+def test_cli_with_params_out_bag_and_synthetic_bag(storage, tmp_path, tiny_model_dir, tokenizer_dir, capsys):
     from phi3v_spatial.data.bag import write_camera_bag
 
     frames = [(CAM0, T0 + i * 100_000_000, rgb(i), False) for i in range(6)]
@@ -370,7 +370,7 @@ def test_cli_with_params_out_bag_and_synthetic_bag(storage, tmp_path, tiny_model
     assert rel_msg.question == "" and rel_msg.relations[0].probability == pytest.approx(results["rel"]["relations"][0]["probability"])
 
 
-def test_cli_unreadable_bag_exits_nonzero_with_errors_per_question(tmp_path, tiny_model_dir, official_tokenizer_dir):
+def test_cli_unreadable_bag_exits_nonzero_with_errors_per_question(tmp_path, tiny_model_dir, tokenizer_dir):
     path = write_bag(tmp_path / "cut", "mcap", two_camera_messages())
     inner = os.path.join(path, "cut.mcap")
     with open(inner, "r+b") as f:

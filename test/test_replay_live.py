@@ -43,7 +43,7 @@ def _frames():
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, official_tokenizer_dir, tmp_path_factory):
+def setup(tiny_model_dir, tokenizer_dir, tmp_path_factory):
     from phi3v_spatial.data.bag import write_camera_bag
 
     work = tmp_path_factory.mktemp("live")
