@@ -56,6 +56,7 @@ fi
 PKG_HASH=$(hash_of "$ROOT/setup.py" "$ROOT/setup.cfg" "$ROOT/package.xml")
 if ! stamp_ok package "$PKG_HASH"; then
   echo "[setup] installing phi3v_spatial (editable)"
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" > "$STAMPS/package-install.log" 2>&1 \
+    || { cat "$STAMPS/package-install.log"; exit 1; }
   stamp_set package "$PKG_HASH"
 fi
