@@ -19,6 +19,7 @@ import time
 FRONT = "/demo/front/image_raw"              # sensor_msgs/Image (rgb8)
 SIDE = "/demo/side/image_raw/compressed"     # sensor_msgs/CompressedImage (jpeg)
 NODE = "/spatial_node"
+DEMO_SCENES = 4
 
 
 def _banner(text: str) -> None:
@@ -80,6 +81,7 @@ def main() -> int:
     from sensor_msgs.msg import CompressedImage, Image
 
     from phi3v_spatial.data.synth import make_scene, relation_holds
+    from phi3v_spatial.engine import prompts
     from phi3v_spatial.ros.messages import compressed_msg, image_msg
     from phi3v_spatial_interfaces.action import Plan
     from phi3v_spatial_interfaces.msg import ObjectRelation
@@ -98,9 +100,11 @@ def main() -> int:
               "generation.max_new_tokens": 32, "plan.max_new_tokens": 96, "request_timeout_s": 300.0}
     proc, log = _start_node(params, workdir)
 
-    scene = make_scene(seed=7, num_objects=3, cameras=2, size=(320, 240))
-    names = scene.names
-    print(f"scene: {', '.join(names)}; camera 0 -> {FRONT} (raw rgb8), camera 1 -> {SIDE} (jpeg)")
+    seed0 = int(os.environ.get("PHI3V_DEMO_SEED") or random.SystemRandom().randint(0, 10**6))
+    scenes = [make_scene(seed=seed0 + k, num_objects=(2, 3), cameras=2, size=(160, 120)) for k in range(DEMO_SCENES)]
+    print(f"{DEMO_SCENES} fresh synthetic scenes (seeds {seed0}..{seed0 + DEMO_SCENES - 1}; PHI3V_DEMO_SEED repeats them); "
+          f"camera 0 -> {FRONT} (raw rgb8), camera 1 -> {SIDE} (jpeg)")
+    shown = {"scene": scenes[0], "since_ns": 0}
 
     rclpy.init()
     node = rclpy.create_node("spatial_demo")
@@ -117,9 +121,10 @@ def main() -> int:
         def cameras():
             while not stop.is_set():
                 now = node.get_clock().now().nanoseconds
-                pub_front.publish(image_msg(scene.images[0][0], "rgb8", now, "front"))
-                pub_side.publish(compressed_msg(scene.images[1][0], "jpeg", now, "side"))
-                stop.wait(0.2)
+                sc = shown["scene"]
+                pub_front.publish(image_msg(sc.images[0][0], "rgb8", now, "front"))
+                pub_side.publish(compressed_msg(sc.images[1][0], "jpeg", now, "side"))
+                stop.wait(0.1)
 
         threading.Thread(target=cameras, daemon=True).start()
 
@@ -147,33 +152,60 @@ def main() -> int:
             time.sleep(0.3)
         print("spatial_node is active", flush=True)
 
-        a, b = names[0], names[1]
-        _banner("~/ask (front camera)")
-        for rel in ("left of", "closer to the camera than"):
-            q = f"Is the {a} {rel} the {b}?"
-            for _ in range(50):  # the first frames may still be on their way
-                res = call(AskSpatial, f"{NODE}/ask", AskSpatial.Request(question=q, image_topics=[FRONT]))
-                if res.success or "no frames" not in res.error:
-                    break
-                time.sleep(0.2)
-            truth = relation_holds(scene, a, rel, b, camera=0)
-            truth_s = "ambiguous" if truth is None else ("yes" if truth else "no")
-            out = repr(res.answer) if res.success else f"ERROR: {res.error}"
-            print(f"Q: {q}\n   model: {out}   ground truth: {truth_s}   ({res.latency_s:.2f} s)")
+        def show(sc):
+            """Switch the cameras to a scene; requests then wait for a frame stamped after the switch."""
+            shown.update(scene=sc, since_ns=node.get_clock().now().nanoseconds)
 
-        _banner("~/query_relations (front camera; P(yes) from the yes/no token probabilities)")
-        cands = [(names[i], rel, names[j]) for i in range(len(names)) for j in range(len(names)) if i != j
-                 for rel in ("left of", "behind")][:6]
-        res = call(QueryRelations, f"{NODE}/query_relations", QueryRelations.Request(
-            candidates=[ObjectRelation(subject=s, relation=r, object=o) for s, r, o in cands], image_topics=[FRONT]))
-        if not res.success:
-            print(f"ERROR: {res.error}")
-        for r in res.relations:
-            truth = relation_holds(scene, r.subject, r.relation, r.object, camera=0)
-            truth_s = "ambiguous" if truth is None else str(truth).lower()
-            print(f"  {r.subject} {r.relation} {r.object}: P={r.probability:.3f} holds={str(r.holds).lower():5}  "
-                  f"ground truth: {truth_s}")
+        def fresh(res):
+            return res.success and res.frame_stamps and \
+                max(t.sec * 10**9 + t.nanosec for t in res.frame_stamps) >= shown["since_ns"]
 
+        def ask_fresh(srv, name, req):
+            for _ in range(100):  # frames of the new scene may still be on their way
+                res = call(srv, f"{NODE}/{name}", req)
+                if fresh(res) or (not res.success and "no frames" not in res.error and "stale" not in res.error):
+                    return res
+                time.sleep(0.1)
+            return res
+
+        tally = {"ask": [0, 0], "query_relations": [0, 0]}
+        relations = ("left of", "right of", "closer to the camera than", "bigger than", "in front of")
+        for k, scene in enumerate(scenes):
+            show(scene)
+            names = scene.names
+            _banner(f"scene {k + 1}/{len(scenes)}: {', '.join(names)}")
+            pairs = [(a, rel, b) for a in names for b in names if a != b for rel in relations
+                     if relation_holds(scene, a, rel, b, camera=0) is not None]
+            random.Random(seed0 + k).shuffle(pairs)
+            print("~/ask (front camera)")
+            for a, rel, b in pairs[:2]:
+                q = prompts.relation_question(a, rel, b)
+                res = ask_fresh(AskSpatial, "ask", AskSpatial.Request(question=q, image_topics=[FRONT]))
+                truth = "yes" if relation_holds(scene, a, rel, b, camera=0) else "no"
+                if res.success:
+                    tally["ask"][0] += res.answer.strip().lower().rstrip(".") == truth
+                    tally["ask"][1] += 1
+                out = repr(res.answer) if res.success else f"ERROR: {res.error}"
+                print(f"  Q: {q}\n     model: {out}   ground truth: {truth}   ({res.latency_s:.2f} s)")
+            print("~/query_relations (front camera; P(yes) from the yes/no token probabilities)")
+            cands = pairs[2:6]
+            res = ask_fresh(QueryRelations, "query_relations", QueryRelations.Request(
+                candidates=[ObjectRelation(subject=a, relation=r, object=b) for a, r, b in cands], image_topics=[FRONT]))
+            if not res.success:
+                print(f"  ERROR: {res.error}")
+            for r in res.relations:
+                truth = bool(relation_holds(scene, r.subject, r.relation, r.object, camera=0))
+                tally["query_relations"][0] += r.holds == truth
+                tally["query_relations"][1] += 1
+                print(f"  {r.subject} {r.relation} {r.object}: P={r.probability:.3f} holds={str(r.holds).lower():5}  "
+                      f"ground truth: {str(truth).lower()}")
+        _banner("score against the ground truth")
+        for name, (ok, n) in tally.items():
+            print(f"  ~/{name}: {ok}/{n} correct")
+
+        scene = scenes[0]
+        show(scene)
+        a, b = scene.names[0], scene.names[1]
         _banner("~/plan action (both cameras; feedback streamed)")
         instruction = f"put the {a} next to the {b}"
         client = ActionClient(node, Plan, f"{NODE}/plan")
