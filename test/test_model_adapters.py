@@ -121,3 +121,31 @@ def test_adapter_for_another_model_is_rejected(tiny_model, tmp_path):
     mgr = AdapterManager(copy.deepcopy(tiny_model))
     with pytest.raises(AdapterError, match="does not fit this model"):
         mgr.load("other", str(tmp_path / "other"))
+
+
+@torch.no_grad()
+def test_modules_to_save_adapter(tiny_model, inputs, tmp_path):
+    """An adapter carrying a retrained copy of the whole vision tower + projector (PEFT modules_to_save, as the
+    embedded recipe's ``lora_modules_to_save`` writes it) loads through AdapterManager and switches on/off exactly."""
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(tiny_model), lora_config(r=4, init_lora_weights=False,
+                                                                      modules_to_save=["vision_embed_tokens"]))
+    copy_ = peft_model.base_model.model.model.vision_embed_tokens.modules_to_save["default"]
+    for p in copy_.img_projection.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(str(tmp_path / "mts"))
+
+    model = copy.deepcopy(tiny_model)
+    base = model(**inputs).logits
+    mgr = AdapterManager(model)
+    mgr.load("mts", str(tmp_path / "mts"))
+    assert torch.equal(model(**inputs).logits, base)
+    mgr.activate("mts")
+    on = model(**inputs).logits
+    assert (on - base).abs().max() > 1e-2
+    mgr.disable()
+    assert torch.equal(model(**inputs).logits, base)
+    mgr.activate("mts")
+    assert torch.equal(model(**inputs).logits, on)

@@ -22,13 +22,17 @@ class AdapterError(RuntimeError):
 
 
 def lora_config(r: int = 16, lora_alpha: int | None = None, lora_dropout: float = 0.0, targets=DEFAULT_LORA_TARGETS,
-                include_vision: bool = False, init_lora_weights=True):
-    """A peft LoraConfig for this model (alpha defaults to 2*r, as in the CookBook)."""
+                include_vision: bool = False, init_lora_weights=True, modules_to_save=None):
+    """A peft LoraConfig for this model (alpha defaults to 2*r, as in the CookBook).
+
+    ``modules_to_save``: modules the adapter carries a fully trained copy of (PEFT ``modules_to_save``),
+    e.g. ``["vision_embed_tokens"]`` for the whole (small) vision tower + projector of the embedded model."""
     from peft import LoraConfig
 
     modules = list(targets) + (list(VISION_LORA_TARGETS) if include_vision else [])
     return LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, lora_dropout=lora_dropout,
-                      target_modules=modules, bias="none", task_type="CAUSAL_LM", init_lora_weights=init_lora_weights)
+                      target_modules=modules, bias="none", task_type="CAUSAL_LM", init_lora_weights=init_lora_weights,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
 
 
 def check_adapter_dir(path: str) -> dict:

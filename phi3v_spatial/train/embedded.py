@@ -13,6 +13,16 @@ Stages (each writes under ``work_dir``; ``models/`` only receives the final file
   d. full pretraining on describe + count;
   e. LoRA on yes/no relations + choices (LM and vision tower + projector);
   f. held-out evaluation, base vs base + adapter -> ``EVAL.md`` + ``eval_report.json``.
+
+Status (expC, 2026-11-26): the adapter does NOT reach the targets, and none of these lifted held-out yes/no
+or choice off chance (GPU sweeps, 600-2000 adapter steps each): retraining the whole vision tower + projector
+in the adapter (``lora_modules_to_save=["vision_embed_tokens"]``, lr 1e-3..5e-3, LoRA r 16/64), 2-3 or exactly
+2 objects per scene, left/right only, a 1500-step base; on CPU even full fine-tuning of every weight on
+2-object left/right scenes (600 steps) and also retraining the token embeddings stayed at chance (train
+accuracy too). Measured on the base: the last prompt position's hidden state barely depends on the
+question (cosine 0.999 between two questions on one image, 0.98 between two images), i.e. describe/count
+pretraining gives the LM no question-conditioned reading of the image; that is what an adapter has to
+build, and within these budgets it does not.
 """
 from __future__ import annotations
 
@@ -75,6 +85,10 @@ class Recipe:
     # lm_head too (as in the CookBook): the base never emitted "yes"/"no", pretraining pushed those output
     # rows down, and without adapting the head the adapter can barely raise them.
     lora_extra_targets: list = field(default_factory=lambda: ["lm_head"])
+    # Modules the adapter carries fully retrained copies of (PEFT modules_to_save), e.g. ["vision_embed_tokens"]
+    # for the whole tiny vision tower + projector (~0.46M parameters); replaces vision LoRA for those modules.
+    # Tried in expC (see EVAL.md history / commit message): did not lift held-out yes/no above chance.
+    lora_modules_to_save: list = field(default_factory=list)
     # f. evaluation
     eval_limit: int | None = None
     seed: int = 0
@@ -266,7 +280,8 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
         s = train(TrainConfig(base=base_dir, data=[data["train"]["spatial"]], out=lora_dir, full=False,
                               steps=r.lora_steps, batch_size=r.lora_batch, grad_accum=1, lr=r.lora_lr,
                               warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
-                              vision_lora=r.lora_vision,
+                              vision_lora=r.lora_vision and not r.lora_modules_to_save,
+                              modules_to_save=list(r.lora_modules_to_save) or None,
                               targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
                               weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10))
         times["e_lora"] = time.time() - t

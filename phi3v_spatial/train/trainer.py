@@ -37,6 +37,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     targets: list[str] | None = None
     vision_lora: bool = False
+    modules_to_save: list[str] | None = None   # PEFT modules_to_save: fully trained copies inside the adapter
     # optimisation (CookBook: lr 4e-5, wd 0.01, betas (0.9, 0.95), eps 1e-7, warmup 50, batch 16 via accumulation)
     steps: int | None = None
     epochs: float = 1.0
@@ -145,7 +146,8 @@ def wrap_lora(model, cfg: TrainConfig):
     from ..model.adapters import lora_config
 
     lcfg = lora_config(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                       targets=lora_targets(cfg), include_vision=False, init_lora_weights="gaussian")
+                       targets=lora_targets(cfg), include_vision=False, init_lora_weights="gaussian",
+                       modules_to_save=cfg.modules_to_save)
     return get_peft_model(model, lcfg)
 
 
