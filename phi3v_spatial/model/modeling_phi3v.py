@@ -23,6 +23,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3RMSNorm, Phi3RotaryEmbedding
 
 from .configuration_phi3v import Phi3VConfig
+from .processing_phi3v import STOP_TOKENS  # the turn/stop tokens; generation stops on any of them
 from .runtime import resolve_attn, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ IGNORED_CHECKPOINT_KEYS = (
     re.compile(r"\.embeddings\.position_ids$"),
     re.compile(r"rotary_emb\.inv_freq$"),
 )
-# The turn/stop tokens of the Phi-3 tokenizer; generation stops on any of them.
-STOP_TOKENS = ("<|end|>", "<|endoftext|>", "</s>")
 
 
 class CheckpointError(RuntimeError):

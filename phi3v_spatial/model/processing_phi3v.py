@@ -23,6 +23,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
 )
+# The turn/stop tokens of the Phi-3 tokenizer (the model ends turns with <|end|>); generation stops on any of them.
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "</s>")
 
 
