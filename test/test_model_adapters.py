@@ -108,6 +108,9 @@ def test_errors_name_the_problem(tiny_model, adapter_dirs, tmp_path):
     mgr.load("spatial", adapter_dirs["spatial"])
     with pytest.raises(AdapterError, match="already loaded"):
         mgr.load("spatial", adapter_dirs["spatial"])
+    for reserved in ("eval", "to", "none", "a.b"):
+        with pytest.raises(AdapterError, match="is reserved"):
+            mgr.load(reserved, adapter_dirs["spatial"])
 
 
 def test_adapter_for_another_model_is_rejected(tiny_model, tmp_path):

@@ -87,6 +87,9 @@ class AdapterManager:
             raise AdapterError("adapter name must be a non-empty string")
         if name in self._paths:
             raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._paths[name]})")
+        if name.lower() == "none" or "." in name or hasattr(torch.nn.Module, name):
+            # PEFT stores adapters as module attributes: "eval", "train", "to", dotted names... would clash
+            raise AdapterError(f"adapter name {name!r} is reserved; choose another name (e.g. {name}_adapter)")
         check_adapter_dir(path)
         was_merged = self._merged
         if was_merged:
