@@ -36,13 +36,13 @@ def test_greedy_generate_is_deterministic_and_matches_external_loop(tiny_model, 
 
 
 @torch.no_grad()
-def test_generate_stops_on_end_token(tiny_model, batch):
+def test_generate_stops_on_end_token(tiny_model, tiny_processor, batch):
     """Make <|end|> the greedy choice at step 3 (without changing steps 1-2): generation must stop right there."""
     n = batch["input_ids"].shape[1]
     free = tiny_model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None,
                                output_scores=True, return_dict_in_generate=True)
     seq, scores = free.sequences[0, n:].tolist(), free.scores
-    end_id = 32007
+    end_id = tiny_processor.tokenizer.convert_tokens_to_ids("<|end|>")  # 32007 in the official tokenizer
     assert end_id not in seq[:3]
     target = seq[2]
     l3 = scores[2][0, target].item()

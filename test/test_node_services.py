@@ -21,9 +21,9 @@ NODE = "/spatial_node"
 
 
 @pytest.fixture(scope="module")
-def node_proc(tiny_model_dir, tokenizer_dir, tmp_path_factory):
+def node_proc(endless_model_dir, tokenizer_dir, tmp_path_factory):
     params = {
-        "model_path": tiny_model_dir, "device": "cpu", "adapters": [], "active_adapter": "",
+        "model_path": endless_model_dir, "device": "cpu", "adapters": [], "active_adapter": "",
         "image_topics": [FRONT, SIDE, STALE, BAD + ":compressed", BIG + ":compressed"],
         "window.num_frames": 2, "window.min_interval_s": 0.2, "window.max_age_s": 5.0,
         "queue.max_pending": 1, "generation.max_new_tokens": 8, "plan.max_new_tokens": 24,
