@@ -16,6 +16,15 @@ COMPRESSED_SUFFIX = ":compressed"
 RAW_SUFFIX = ":raw"
 
 
+def split_topic_spec(spec: str) -> tuple[str, str | None]:
+    """An ``image_topics`` entry -> (topic name, "compressed" | "raw" | None when the type is not forced)."""
+    spec = str(spec).strip()
+    for suffix, kind in ((COMPRESSED_SUFFIX, "compressed"), (RAW_SUFFIX, "raw")):
+        if spec.endswith(suffix):
+            return spec[: -len(suffix)].strip(), kind
+    return spec, None
+
+
 def default_adapters() -> list[str]:
     """The embedded spatial adapter as a 'name=path' entry, when its folder exists."""
     d = paths.default_adapter_dir()

@@ -41,3 +41,9 @@ def test_adapter_folders_with_the_same_name_both_load():
 
     assert adapter_names(["/a/spatial", "/b/spatial/", "/c/other"]) == {
         "spatial": "/a/spatial", "spatial-2": "/b/spatial/", "other": "/c/other"}
+
+
+def test_topic_spec_suffixes_force_the_message_type():
+    assert settings.split_topic_spec("/cam/image:compressed") == ("/cam/image", "compressed")
+    assert settings.split_topic_spec(" cam/image_raw:raw ") == ("cam/image_raw", "raw")
+    assert settings.split_topic_spec("/cam/image/compressed") == ("/cam/image/compressed", None)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import settings
-from ..settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX
+from ..settings import NODE_NAME, split_topic_spec
 
 
 def node_defaults() -> dict:
@@ -27,10 +27,7 @@ def node_defaults() -> dict:
 
 def resolve_topic(spec: str, node_name: str = NODE_NAME, namespace: str = "/") -> str:
     """A topic as the node resolves an ``image_topics`` entry: ':compressed'/':raw' dropped, made absolute."""
-    spec = str(spec).strip()
-    for suffix in (COMPRESSED_SUFFIX, RAW_SUFFIX):
-        if spec.endswith(suffix):
-            spec = spec[: -len(suffix)]
+    spec, _ = split_topic_spec(spec)
     ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
     if spec.startswith("~"):
         spec = f"{ns}/{node_name}" + spec[1:]

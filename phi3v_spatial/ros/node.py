@@ -33,7 +33,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from phi3v_spatial import paths
-from phi3v_spatial.settings import COMPRESSED_SUFFIX, NODE_NAME, RAW_SUFFIX, node_defaults, resolve_model_and_adapters
+from phi3v_spatial.settings import NODE_NAME, node_defaults, resolve_model_and_adapters, split_topic_spec
 from phi3v_spatial.engine.images import ImageDecodeError, decode_raw
 from phi3v_spatial.engine.window import Frame, FrameWindow, WindowError
 from phi3v_spatial.engine.worker import InferenceWorker, JobCancelled, JobError, JobRejected, JobTimeout
@@ -191,8 +191,7 @@ class SpatialNode(LifecycleNode):
             name, value = prm.name, prm.value
             if name == "image_topics":
                 for t in value or []:
-                    base = t[: -len(COMPRESSED_SUFFIX)] if t.endswith(COMPRESSED_SUFFIX) else t
-                    base = base[: -len(RAW_SUFFIX)] if base.endswith(RAW_SUFFIX) else base
+                    base, _ = split_topic_spec(t)
                     try:
                         validate_full_topic_name(expand_topic_name(base.strip(), self.get_name(), self.get_namespace()))
                     except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds for bad names
@@ -361,11 +360,8 @@ class SpatialNode(LifecycleNode):
     # ------------------------------------------------------------------ cameras
     def _parse_topic(self, spec: str) -> tuple[str, str | None]:
         """'name[:compressed|:raw]' -> (fully resolved name, forced type or None)."""
-        forced = None
-        if spec.endswith(COMPRESSED_SUFFIX):
-            spec, forced = spec[: -len(COMPRESSED_SUFFIX)], COMPRESSED_TYPE
-        elif spec.endswith(RAW_SUFFIX):
-            spec, forced = spec[: -len(RAW_SUFFIX)], IMAGE_TYPE
+        spec, kind = split_topic_spec(spec)
+        forced = {"compressed": COMPRESSED_TYPE, "raw": IMAGE_TYPE}.get(kind)
         try:
             name = expand_topic_name(spec.strip(), self.get_name(), self.get_namespace())
         except Exception:  # noqa: BLE001 - reported when subscribing
