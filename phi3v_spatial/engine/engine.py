@@ -65,6 +65,16 @@ def validate_images(images: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_
         raise EngineError(str(e)) from e
 
 
+def check_candidates(candidates) -> None:
+    """Candidate relations need subject, relation and object; callers may check before queueing a request."""
+    if not candidates:
+        raise EngineError("no candidate relations given (candidates is empty)")
+    for i, c in enumerate(candidates):
+        if not (c.subject.strip() and c.relation.strip() and c.object.strip()):
+            raise EngineError(f"candidates[{i}] needs subject, relation and object "
+                              f"(got {c.subject!r}, {c.relation!r}, {c.object!r})")
+
+
 def _looks_like_local_path(model_path: str) -> bool:
     return os.path.isabs(model_path) or model_path.startswith(".") or not _HUB_ID_RE.match(model_path)
 
@@ -196,11 +206,7 @@ class SpatialEngine:
 
         ``should_stop`` is polled before each candidate; when it fires the call raises ``EngineError``.
         """
-        if not candidates:
-            raise EngineError("no candidate relations given")
-        for i, c in enumerate(candidates):
-            if not (c.subject.strip() and c.relation.strip() and c.object.strip()):
-                raise EngineError(f"candidate {i} needs subject, relation and object (got {c.subject!r}, {c.relation!r}, {c.object!r})")
+        check_candidates(candidates)
         images = validate_images(images, self.max_image_pixels)
         texts = [prompts.chat_prompt(prompts.relation_question(c.subject.strip(), c.relation.strip(), c.object.strip()), len(images))
                  for c in candidates]

@@ -544,14 +544,10 @@ class SpatialNode(LifecycleNode):
         t0 = time.monotonic()
         try:
             self._require_active()
+            from phi3v_spatial.engine.engine import check_candidates
             from phi3v_spatial.engine.parsing import Relation
 
-            if not req.candidates:
-                raise RequestError("no candidate relations given (candidates is empty)")
-            for i, c in enumerate(req.candidates):
-                if not (c.subject.strip() and c.relation.strip() and c.object.strip()):
-                    raise RequestError(f"candidates[{i}] needs subject, relation and object "
-                                       f"(got {c.subject!r}, {c.relation!r}, {c.object!r})")
+            check_candidates(req.candidates)  # before queueing: a malformed request never takes a queue slot
             cands = [Relation(c.subject, c.relation, c.object) for c in req.candidates]
             images, stamps, topics = self._frames_for(req.images, req.image_topics, req.num_frames)
             engine = self._engine
