@@ -10,7 +10,7 @@ ROS_DOMAIN_ID := $(shell echo $$(( ($$$$ % 90) + 10 )))
 endif
 export ROS_DOMAIN_ID
 
-.PHONY: setup demo test bench embedded clean
+.PHONY: setup demo test bench bench-full embedded clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -21,8 +21,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra
 
+# Engine reuse vs the naive path, side by side (embedded model, a few minutes at most on 2 CPU cores).
 bench: setup
-	$(PY) benchmarks/bench_engine.py
+	$(VENV)/bin/phi3v-spatial bench
+
+# The same with the full-size CLIP ViT-L/14-336 tower (random weights, small LM): slow on a CPU.
+bench-full: setup
+	$(VENV)/bin/phi3v-spatial bench --model full-vision --repeat 1
 
 # Rebuilds the embedded demo model in models/ from scratch (about 30-45 minutes on 2 CPU cores).
 embedded: setup

@@ -18,13 +18,14 @@ SUBCOMMANDS = {
     "eval": ("phi3v_spatial.train.commands.evaluate", "evaluate a model/adapter on spatial questions"),
     "build-embedded": ("phi3v_spatial.train.commands.build_embedded", "rebuild the embedded demo model in models/"),
     "replay": ("phi3v_spatial.replay.commands.replay", "answer questions offline over a rosbag2 bag"),
+    "bench": ("phi3v_spatial.benchmark.commands.bench", "measure the engine's reuse against the naive path"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phi3v-spatial",
-        description="Spatial reasoning with Phi-3-vision: ask, synth, train, eval, replay.",
+        description="Spatial reasoning with Phi-3-vision: ask, synth, train, eval, replay, bench.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -42,6 +42,9 @@ def node_defaults() -> dict:
         "dtype": "auto",
         "attn_implementation": "auto",
         "num_crops": 0,
+        "quantization": "none",
+        "cache.vision_mb": 256.0,
+        "cache.prefix_mb": 1024.0,
         "image_topics": ["/camera/image_raw"],
         "window.num_frames": 1,
         "window.min_interval_s": 0.5,
@@ -55,6 +58,13 @@ def node_defaults() -> dict:
         "diagnostics_period_s": 1.0,
         "autostart": True,
     }
+
+
+def engine_options(params: dict):
+    """The engine's reuse options from node parameters (cache sizes; the other optimisations are always on)."""
+    from .engine.engine import EngineOptions
+
+    return EngineOptions(vision_cache_mb=float(params["cache.vision_mb"]), prefix_cache_mb=float(params["cache.prefix_mb"]))
 
 
 def resolve_model_and_adapters(model_path: str, adapters: dict[str, str], active_adapter: str

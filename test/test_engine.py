@@ -63,30 +63,36 @@ def test_relation_scores_equal_a_full_forward_per_candidate(engine, straddle, mo
     cands = [Relation("red cube", "left of", "blue sphere"), Relation("green cone", "behind", "red cube"),
              Relation("red cube", "bigger than", "yellow cylinder")]
     if straddle:  # the switch between the shared prefix and the end of the shortest prompt
-        shortest = min(engine._encode(prompts.chat_prompt(prompts.relation_question(c.subject, c.relation, c.object), 2),
-                                      frames)["input_ids"].shape[1] for c in cands)
+        shortest = min(engine.processor(prompts.chat_prompt(prompts.relation_question(c.subject, c.relation, c.object), 2),
+                                               images=frames)["input_ids"].shape[1] for c in cands)
         monkeypatch.setattr(engine.model.config, "original_max_position_embeddings", shortest - 2, raising=False)
     got = engine.query_relations(cands, frames)
     for c, r in zip(cands, got):
         text = prompts.chat_prompt(prompts.relation_question(c.subject, c.relation, c.object), len(frames))
         with torch.inference_mode():
-            logits = engine.model(**engine._encode(text, frames)).logits[0, -1]
+            logits = engine.model(**engine.processor(text, images=frames)).logits[0, -1]
         logp = torch.log_softmax(logits.float(), -1)
         pair = torch.stack([torch.logsumexp(logp[engine.yes_ids], 0), torch.logsumexp(logp[engine.no_ids], 0)])
         assert r.probability == pytest.approx(float(torch.softmax(pair, 0)[0]), abs=1e-5)
         assert 0.0 <= r.probability <= 1.0 and r.holds == (r.probability >= 0.5)
 
 
-def test_relation_scoring_stops_when_asked(engine):
+def test_relation_scoring_stops_when_asked(engine, checkpoint):
+    """should_stop is polled before every forward pass: before the prefix and before each batch of candidates."""
+    from phi3v_spatial.engine.engine import EngineOptions
+
+    cands = [Relation("red cube", "left of", "blue sphere")] * 3
+    with pytest.raises(EngineError, match="stopped after scoring 0 of 3"):
+        engine.query_relations(cands, _frames(), should_stop=lambda: True)
+    one_by_one = SpatialEngine.from_pretrained(checkpoint, device="cpu", options=EngineOptions(relation_batch_size=1))
     calls = []
 
     def should_stop():
         calls.append(1)
-        return len(calls) > 1
+        return len(calls) > 2  # prefix, first candidate, then stop
 
-    cands = [Relation("red cube", "left of", "blue sphere")] * 3
     with pytest.raises(EngineError, match="stopped after scoring 1 of 3"):
-        engine.query_relations(cands, _frames(), should_stop=should_stop)
+        one_by_one.query_relations(cands, _frames(), should_stop=should_stop)
 
 
 def test_yes_no_tokens_follow_the_assistant_tag(engine):

@@ -300,3 +300,35 @@ def test_diagnostics_report_model_queue_and_cameras(client):
     assert "queue_depth" in values and values["last_latency_s"]
     front = next(s for n, s in status.items() if n.endswith(f"camera {FRONT}"))
     assert int({kv.key: kv.value for kv in front.values}["received"]) > 0
+
+
+def _inference_values(client):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    got = client.collect(DiagnosticArray, "/diagnostics")
+    end = time.monotonic() + 15
+    while len(got) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    status = next(s for s in got[-1].status if s.name.endswith(": inference"))
+    return {kv.key: kv.value for kv in status.values}
+
+
+def test_repeated_questions_on_the_same_frames_reuse_work(client):
+    """A second query on the same frames is answered from the node's caches, with the same probabilities."""
+    from phi3v_spatial.ros.messages import image_msg
+    from phi3v_spatial_interfaces.msg import ObjectRelation
+    from phi3v_spatial_interfaces.srv import QueryRelations
+
+    before = _inference_values(client)
+    assert before["quantization"] == "none" and before["skip_padding_crops"] == "true"
+    assert before["batched_relations"] == "true" and before["pinned_upload"] == "false"
+    imgs = [image_msg(scene_image(7), "rgb8", 11), image_msg(scene_image(8), "rgb8", 12)]
+    a = ObjectRelation(subject="red box", relation="left of", object="blue box")
+    b = ObjectRelation(subject="green ball", relation="in front of", object="red box")
+    first = client.call(QueryRelations, f"{NODE}/query_relations", QueryRelations.Request(candidates=[a, b], images=imgs))
+    again = client.call(QueryRelations, f"{NODE}/query_relations", QueryRelations.Request(candidates=[b], images=imgs))
+    assert first.success and again.success, (first.error, again.error)
+    assert again.relations[0].probability == pytest.approx(first.relations[1].probability, abs=1e-5)
+    after = _inference_values(client)
+    assert int(after["cache.vision.hits"]) >= int(before["cache.vision.hits"]) + 2  # both frames, second request
+    assert int(after["cache.prefix.hits"]) >= int(before["cache.prefix.hits"]) + 1

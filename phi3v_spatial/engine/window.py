@@ -116,6 +116,11 @@ class Selection:
     def newest_stamp_ns(self) -> int:
         return max((f.stamp_ns for f in self.frames), default=0)
 
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """(topic, header stamp) per frame: the frame identity the engine's caches use."""
+        return [(f.topic, f.stamp_ns) for f in self.frames]
+
     def images(self, max_pixels: int | None = None) -> list[np.ndarray]:
         return [f.rgb(max_pixels) for f in self.frames]
 

@@ -131,6 +131,25 @@ class AdapterManager:
         """Back to the base model (adapters stay loaded)."""
         self.activate(None)
 
+    def touches_vision(self, name: str | None = None) -> bool:
+        """Whether adapter ``name`` (default: the active one) changes the vision tower or the image projector.
+
+        Image embeddings computed under the base model stay valid for adapters that only change the language model.
+        """
+        name = self._active if name is None else name
+        if not name:
+            return False
+        for mod_name, module in self.model.named_modules():
+            if ".vision_embed_tokens" not in f".{mod_name}":
+                continue
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is not None and name in lora_a:
+                return True
+            saved = getattr(module, "modules_to_save", None)  # PEFT ModulesToSaveWrapper
+            if saved is not None and hasattr(saved, "keys") and name in saved.keys():
+                return True
+        return False
+
     def _lora_layers(self):
         from peft.tuners.lora import LoraLayer
 

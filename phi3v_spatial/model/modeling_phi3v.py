@@ -93,8 +93,13 @@ class Phi3VImageEmbedding(nn.Module):
         rows, _, d = grid.shape
         return torch.cat([grid, self.sub_GN.reshape(1, 1, d).expand(rows, 1, d).to(grid.dtype)], dim=1).reshape(-1, d)
 
-    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """Projected features per image, each (num_image_tokens, hidden). Zero-padding crops are never encoded."""
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                       encode_padding: bool = False) -> list[torch.Tensor]:
+        """Projected features per image, each (num_image_tokens, hidden).
+
+        Zero-padding crop slots are not encoded (their features are discarded anyway); ``encode_padding=True`` runs
+        CLIP on every slot as the reference does, which only benchmarks and equivalence tests want.
+        """
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (images, crops, 3, H, W), got shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[-1] != self.crop or pixel_values.shape[-2] != self.crop:
@@ -111,8 +116,13 @@ class Phi3VImageEmbedding(nn.Module):
                 raise ValueError(f"image {i} needs {1 + h_c * w_c} crops but pixel_values holds {pixel_values.shape[1]}")
             grids.append((h_c, w_c))
         # One CLIP batch with the global crop + used local crops of every image (padding crops are discarded anyway).
-        crops = torch.cat([pixel_values[i, : 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)], dim=0)
-        feats = self.clip_features(crops)
+        if encode_padding:
+            n, slots = pixel_values.shape[:2]
+            every = self.clip_features(pixel_values.reshape(n * slots, *pixel_values.shape[2:]))
+            feats = torch.cat([every[i * slots : i * slots + 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)])
+        else:
+            crops = torch.cat([pixel_values[i, : 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)], dim=0)
+            feats = self.clip_features(crops)
         proj_dtype = self.img_projection[0].bias.dtype
         per_image, start = [], 0
         for h_c, w_c in grids:
@@ -136,14 +146,23 @@ class Phi3VModel(Phi3Model):
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None) -> torch.Tensor:
         """Token embeddings with image features at ``-k`` ids (image k of that row). Never mutates ``input_ids``."""
+        has_images = bool(((input_ids < 0) & (input_ids > -MAX_INPUT_ID)).any())
+        if has_images and (pixel_values is None or image_sizes is None):
+            raise ValueError("input_ids hold image placeholders (negative ids) but pixel_values/image_sizes are missing")
+        feats = None
+        if has_images:
+            feats = self.vision_embed_tokens.image_features(pixel_values.to(self.embed_tokens.weight.device), image_sizes)
+        return self.embed_with_features(input_ids, feats)
+
+    def embed_with_features(self, input_ids: torch.Tensor, feats: list[torch.Tensor] | None) -> torch.Tensor:
+        """Token embeddings with precomputed image features (``image_features`` output, or cached copies of it)."""
         is_image = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
         ids = input_ids.clamp(0, self.config.vocab_size - 1)  # a copy: the caller's ids stay untouched
         embeds = self.embed_tokens(ids)
         if not bool(is_image.any()):
             return embeds
-        if pixel_values is None or image_sizes is None:
-            raise ValueError("input_ids hold image placeholders (negative ids) but pixel_values/image_sizes are missing")
-        feats = self.vision_embed_tokens.image_features(pixel_values.to(embeds.device), image_sizes)
+        if not feats:
+            raise ValueError("input_ids hold image placeholders (negative ids) but no image features were given")
         b_idx, s_idx, values, offset = [], [], [], 0
         for b in range(input_ids.shape[0]):
             row = input_ids[b]

@@ -21,7 +21,7 @@ def node_defaults() -> dict:
     defaults = settings.node_defaults()
     keep = ("window.num_frames", "window.min_interval_s", "window.max_age_s", "window.capacity", "max_image_pixels",
             "generation.max_new_tokens", "plan.max_new_tokens", "model_path", "adapters", "active_adapter", "device",
-            "dtype", "attn_implementation", "num_crops")
+            "dtype", "attn_implementation", "num_crops", "quantization", "cache.vision_mb", "cache.prefix_mb")
     return {"image_topics": [], **{k: defaults[k] for k in keep}}
 
 
@@ -124,6 +124,9 @@ class ReplaySettings:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     num_crops: int = 0
+    quantization: str = "none"
+    vision_cache_mb: float = 256.0
+    prefix_cache_mb: float = 1024.0
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
@@ -145,6 +148,9 @@ class ReplaySettings:
                 dtype=str(p["dtype"] or "auto"),
                 attn_implementation=str(p["attn_implementation"] or "auto"),
                 num_crops=int(p["num_crops"] or 0),
+                quantization=str(p["quantization"] or "none"),
+                vision_cache_mb=float(p["cache.vision_mb"]),
+                prefix_cache_mb=float(p["cache.prefix_mb"]),
             )
         except (TypeError, ValueError) as e:
             raise ParamsError(f"parameters from {source}: {e}") from None

@@ -200,18 +200,22 @@ class Replayer:
             images = sel.images(self.settings.max_image_pixels)
         except ImageDecodeError as e:
             raise _Unanswerable(f"{where}: {e}") from None
+        # Frame identity for the engine's caches, as the node's (topic, stamp), made unique across bags.
+        keys = [(ctx.bag_path, topic, stamp) for topic, stamp in sel.keys]
         t0 = time.perf_counter()
         try:
             if q.type == "ask":
-                r = self.engine.ask(q.question, images, max_new_tokens=q.max_new_tokens or self.settings.max_new_tokens)
+                r = self.engine.ask(q.question, images, max_new_tokens=q.max_new_tokens or self.settings.max_new_tokens,
+                                    frame_keys=keys)
                 out.update(answer=r.answer, raw_text=r.answer, relations=[relation_dict(x) for x in r.relations],
                            tokens_generated=r.tokens_generated)
             elif q.type == "relations":
-                rels = self.engine.query_relations(q.candidates, images)
+                rels = self.engine.query_relations(q.candidates, images, frame_keys=keys)
                 out.update(relations=[relation_dict(x) for x in rels])
             else:
                 r = self.engine.plan(q.instruction, images,
-                                     max_new_tokens=q.max_new_tokens or self.settings.plan_max_new_tokens)
+                                     max_new_tokens=q.max_new_tokens or self.settings.plan_max_new_tokens,
+                                     frame_keys=keys)
                 out.update(steps=r.steps, raw_text=r.raw_text, tokens_generated=r.tokens_generated,
                            error=r.error and f"could not parse a plan from the model output: {r.error}")  # as the node says
         except EngineError as e:

@@ -33,7 +33,8 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from phi3v_spatial import paths
-from phi3v_spatial.settings import NODE_NAME, node_defaults, resolve_model_and_adapters, split_topic_spec
+from phi3v_spatial.settings import (NODE_NAME, engine_options, node_defaults, resolve_model_and_adapters,
+                                    split_topic_spec)
 from phi3v_spatial.engine.images import ImageDecodeError, decode_raw
 from phi3v_spatial.engine.window import Frame, FrameWindow, WindowError
 from phi3v_spatial.engine.worker import InferenceWorker, JobCancelled, JobError, JobRejected, JobTimeout
@@ -148,6 +149,13 @@ class SpatialNode(LifecycleNode):
             "auto | eager | sdpa | flash_attention_2", T.PARAMETER_STRING, read_only=True))
         declare("num_crops", _int_desc(
             "HD transform crops per image; 0 = the checkpoint's preprocessor_config.json", 0, 64, read_only=True))
+        declare("quantization", _desc(
+            "none | 8bit | 4bit: decoder weights through bitsandbytes (CUDA only, optional package)", T.PARAMETER_STRING,
+            read_only=True))
+        declare("cache.vision_mb", _float_desc(
+            "Image-embedding cache per frame (topic + stamp), MB; 0 disables; settable at runtime", 0.0, 1e6))
+        declare("cache.prefix_mb", _float_desc(
+            "Key/value cache of image prompt prefixes per window, MB; 0 disables; settable at runtime", 0.0, 1e6))
         declare("image_topics", _desc(
             "Camera topics; 'topic:compressed' forces CompressedImage, names ending in /compressed are compressed, "
             "otherwise the type is taken from the graph (Image if unknown)", T.PARAMETER_STRING_ARRAY))
@@ -215,6 +223,11 @@ class SpatialNode(LifecycleNode):
             self._worker.set_max_pending(names["queue.max_pending"])
         if "max_image_pixels" in names and self._engine is not None:
             self._engine.max_image_pixels = int(names["max_image_pixels"])
+        if self._engine is not None:
+            if "cache.vision_mb" in names:
+                self._engine.vision_cache.resize(int(names["cache.vision_mb"] * 2**20))
+            if "cache.prefix_mb" in names:
+                self._engine.prefix_cache.resize(int(names["cache.prefix_mb"] * 2**20))
         if "diagnostics_period_s" in names:
             self._diag_timer.cancel()
             self.destroy_timer(self._diag_timer)
@@ -282,7 +295,7 @@ class SpatialNode(LifecycleNode):
             engine = SpatialEngine.from_pretrained(
                 model_path, adapters=adapters, active_adapter=active or None, device=p["device"], dtype=p["dtype"],
                 attn_implementation=p["attn_implementation"], num_crops=p["num_crops"] or None,
-                max_image_pixels=p["max_image_pixels"])
+                max_image_pixels=p["max_image_pixels"], options=engine_options(p), quantization=p["quantization"])
         except Exception as exc:  # noqa: BLE001 - any load failure leaves the node alive and unconfigured
             self._configure_error = f"configure failed: {exc}"
             self.get_logger().error(f"{self._configure_error}; the node stays unconfigured (fix the parameters, "
@@ -466,8 +479,12 @@ class SpatialNode(LifecycleNode):
             raise RequestError("node is not configured: the model is not loaded")
         return engine, worker
 
-    def _frames_for(self, images, image_topics, num_frames) -> tuple[list, list[int], list[str]]:
-        """Decoded RGB frames for a request: its own images, else the window (raises RequestError)."""
+    def _frames_for(self, images, image_topics, num_frames) -> tuple[list, list[int], list[str], list | None]:
+        """Decoded RGB frames for a request: its own images, else the window (raises RequestError).
+
+        Also returns the frames' identities for the engine's caches: (topic, header stamp) for window frames,
+        None for images sent in the request (the engine then keys them by their pixels).
+        """
         max_pixels = int(self._p("max_image_pixels"))
         if len(images):
             arrays, stamps = [], []
@@ -478,14 +495,14 @@ class SpatialNode(LifecycleNode):
                 except ImageDecodeError as exc:
                     raise RequestError(f"images[{i}]: {exc}") from None
                 stamps.append(stamp_to_ns(m.header.stamp))
-            return arrays, stamps, []
+            return arrays, stamps, [], None
         topics = [self._parse_topic(t)[0] for t in image_topics if t.strip()]
         try:
             sel = self._window.select(topics, int(num_frames) or None, self.get_clock().now().nanoseconds)
             arrays = sel.images(max_pixels)
         except (WindowError, ImageDecodeError) as exc:
             raise RequestError(str(exc)) from None
-        return arrays, sel.stamps_ns, sel.topics
+        return arrays, sel.stamps_ns, sel.topics, sel.keys
 
     def _run(self, fn, timeout_s: float, name: str):
         """Submit to the worker and wait (this thread is a reentrant-group thread, never the model's)."""
@@ -522,11 +539,11 @@ class SpatialNode(LifecycleNode):
             self._require_active()
             if not req.question.strip():
                 raise RequestError("the question is empty")
-            images, stamps, topics = self._frames_for(req.images, req.image_topics, req.num_frames)
+            images, stamps, topics, keys = self._frames_for(req.images, req.image_topics, req.num_frames)
             max_new = int(req.max_new_tokens) or int(self._p("generation.max_new_tokens"))
             engine = self._engine
             out = self._run(lambda job: engine.ask(req.question, images, max_new_tokens=max_new,
-                                                   should_stop=job.should_stop),
+                                                   should_stop=job.should_stop, frame_keys=keys),
                             self._p("request_timeout_s"), "ask")
             res.success = True
             res.answer = out.answer
@@ -549,9 +566,10 @@ class SpatialNode(LifecycleNode):
 
             check_candidates(req.candidates)  # before queueing: a malformed request never takes a queue slot
             cands = [Relation(c.subject, c.relation, c.object) for c in req.candidates]
-            images, stamps, topics = self._frames_for(req.images, req.image_topics, req.num_frames)
+            images, stamps, topics, keys = self._frames_for(req.images, req.image_topics, req.num_frames)
             engine = self._engine
-            rels = self._run(lambda job: engine.query_relations(cands, images, should_stop=job.should_stop),
+            rels = self._run(lambda job: engine.query_relations(cands, images, should_stop=job.should_stop,
+                                                                frame_keys=keys),
                              self._p("request_timeout_s"),
                              "query_relations")
             res.success = True
@@ -616,14 +634,14 @@ class SpatialNode(LifecycleNode):
             engine, worker = self._require_active()
             if not goal.instruction.strip():
                 raise RequestError("the instruction is empty")
-            images, stamps, topics = self._frames_for(goal.images, goal.image_topics, goal.num_frames)
+            images, stamps, topics, keys = self._frames_for(goal.images, goal.image_topics, goal.num_frames)
             max_new = int(goal.max_new_tokens) or int(self._p("plan.max_new_tokens"))
             timeout = float(goal.timeout_s) if goal.timeout_s > 0 else float(self._p("request_timeout_s"))
 
             def run(job):
                 feedback("encoding")
                 return engine.plan(goal.instruction, images, max_new_tokens=max_new, on_text=on_text,
-                                   should_stop=job.should_stop)
+                                   should_stop=job.should_stop, frame_keys=keys)
 
             job = worker.submit(run, timeout_s=timeout, name="plan")
             goal_key = bytes(goal_handle.goal_id.uuid)
@@ -704,6 +722,14 @@ class SpatialNode(LifecycleNode):
                 "model_path": desc.get("model_path", self._p("model_path") or paths.default_model_dir()),
                 "device": str(desc.get("device", "")),
                 "dtype": str(desc.get("dtype", "")),
+                "attn_implementation": str(desc.get("attn_implementation", "")),
+                "quantization": str(desc.get("quantization", "")),
+                "num_crops": str(desc.get("num_crops", "")),
+                "skip_padding_crops": str(desc.get("skip_padding_crops", "")).lower(),
+                "batched_relations": str(desc.get("batched_relations", "")).lower(),
+                "pinned_upload": str(desc.get("pinned_upload", "")).lower(),
+                **{f"cache.{name}.{k}": str(v) for name, st in desc.get("cache", {}).items()
+                   for k, v in st.items() if k in ("entries", "bytes", "hits", "misses", "evictions")},
                 "active_adapter": str(desc.get("active_adapter", "")),
                 "adapters": ",".join(desc.get("adapters", []) or []),
                 "queue_depth": str(worker.depth if worker else 0),

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--attn", default="auto", help="auto | eager | sdpa | flash_attention_2")
+    p.add_argument("--quantization", default="none", help="none | 8bit | 4bit (bitsandbytes, CUDA only)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="treat the text as an instruction and print a JSON plan")
     mode.add_argument("--relation", nargs=3, metavar=("SUBJECT", "RELATION", "OBJECT"), action="append",
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine = SpatialEngine.from_pretrained(model, adapters=adapters, active_adapter=active or None,
                                                device=args.device, dtype=args.dtype, attn_implementation=args.attn,
-                                               num_crops=args.num_crops)
+                                               num_crops=args.num_crops, quantization=args.quantization)
         stream = (lambda text, n: print(f"\r{text}", end="", file=sys.stderr, flush=True)) if args.stream else None
         if args.relation:
             for r in engine.query_relations([Relation(*t) for t in args.relation], images):
