@@ -61,12 +61,12 @@ class ByteLRU:
 
     def put(self, key: Hashable, value, nbytes: int) -> bool:
         """Store ``value``; False when it is larger than the whole cache (it is then not kept)."""
-        if not self.enabled or nbytes > self.max_bytes:
-            return False
         with self._lock:
-            old = self._items.pop(key, None)
+            old = self._items.pop(key, None)  # a value that is not kept must not leave a stale one behind
             if old is not None:
                 self.bytes -= old[1]
+            if not self.enabled or nbytes > self.max_bytes:
+                return False
             self._items[key] = (value, nbytes)
             self.bytes += nbytes
             while self.bytes > self.max_bytes and self._items:

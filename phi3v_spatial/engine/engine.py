@@ -454,7 +454,10 @@ class SpatialEngine:
         """
         if not 0 < prefix_len < total_len:
             return False
-        switch = getattr(self.model.config, "original_max_position_embeddings", None)
+        cfg = self.model.config
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        switch = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
+            or getattr(cfg, "original_max_position_embeddings", None)
         if switch and prefix_len <= switch < total_len:
             return False
         return True
