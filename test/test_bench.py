@@ -19,12 +19,13 @@ def test_bench_prints_every_measurement_and_target(tmp_path):
     text = run.stdout
     assert "outputs equal on both paths: yes" in text
     for row in ("first query, new window", "follow-up query, same window", "follow-up ask, same window",
-                "3 relations, new window", "vision tower per frame", "node overhead per 320x240 frame", "peak memory"):
+                "3 relations, new window", "vision tower per frame", "node: 320x240 message -> RGB frame",
+                "node: RGB frame -> HD crops", "peak memory"):
         assert row in text, f"missing row {row!r}:\n{text}"
     res = json.loads(out_json.read_text())
     assert res["equal_outputs"] is True
     assert {t["name"] for t in res["targets"]} >= {"follow-up query / first query (engine)",
-                                                   "node overhead per frame (ms)"}
+                                                   "node overhead per frame, message -> model input (ms)"}
     assert all(r["engine_s"] > 0 for r in res["rows"])
     # the engine path filled its caches: one image embedding and one prefix
     assert res["memory"]["engine_cache"]["vision"]["entries"] == 1

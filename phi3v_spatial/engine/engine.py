@@ -415,11 +415,16 @@ class SpatialEngine:
             else:
                 todo.setdefault(key if use_cache else i, []).append(i)
         if todo:
-            first = [idx[0] for idx in todo.values()]
-            feats = self.processor.image_processor([images[i] for i in first])
-            per_image = self.model.model.vision_embed_tokens.image_features(
-                self._upload(feats["pixel_values"]).to(self.dtype), feats["image_sizes"],
-                encode_padding=not self.options.skip_padding_crops)
+            first = [images[idx[0]] for idx in todo.values()]
+            tower = self.model.model.vision_embed_tokens
+            if self.options.skip_padding_crops:  # the padding slots are never built, let alone encoded
+                feats = self.processor.image_processor.preprocess_unpadded(first)
+                grids = [(int(h) // tower.crop, int(w) // tower.crop) for h, w in feats["image_sizes"].tolist()]
+                per_image = tower.features_from_crops([self._upload(x).to(self.dtype) for x in feats["crops"]], grids)
+            else:
+                feats = self.processor.image_processor(first)
+                per_image = tower.image_features(self._upload(feats["pixel_values"]).to(self.dtype),
+                                                 feats["image_sizes"], encode_padding=True)
             for j, (key, idx) in enumerate(todo.items()):
                 h, w = (int(v) for v in feats["image_sizes"][j])
                 emb = ImageEmbedding((h, w), int(feats["num_img_tokens"][j]), per_image[j].clone())

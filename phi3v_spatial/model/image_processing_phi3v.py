@@ -109,18 +109,37 @@ class Phi3VImageProcessor:
         return (padded, new_l) if width >= height else (new_l, padded)
 
     def preprocess_one(self, image, num_crops: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image -> (crops (1 + h_c*w_c, 3, crop, crop) with the global view first, (h, w))."""
+        """One image -> (crops (1 + h_c*w_c, 3, crop, crop) with the global view first, (h, w)).
+
+        Same arithmetic as the reference (x / 255, then (x - mean) / std, bicubic global view of the normalised
+        image), done in place and written straight into the output, so a 16-crop frame costs a few passes over
+        its pixels rather than one per step.
+        """
         nc = num_crops or self.num_crops
         img = hd_transform(to_pil_rgb(image), nc, self.crop_size)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        hd = (arr - mean) / std
+        hd = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
+        hd.div_(255.0).sub_(self._mean).div_(self._std)
         _, h, w = hd.shape
         c = self.crop_size
-        glb = F.interpolate(hd[None], size=(c, c), mode="bicubic", align_corners=False)
-        crops = hd.reshape(1, 3, h // c, c, w // c, c).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, c, c)
-        return torch.cat([glb, crops], dim=0), (h, w)
+        out = torch.empty(1 + (h // c) * (w // c), 3, c, c)
+        out[0] = F.interpolate(hd[None], size=(c, c), mode="bicubic", align_corners=False)[0]
+        out[1:].view(h // c, w // c, 3, c, c).copy_(hd.view(3, h // c, c, w // c, c).permute(1, 3, 0, 2, 4))
+        return out, (h, w)
+
+    def preprocess_unpadded(self, images, num_crops: int | None = None) -> dict:
+        """Like ``__call__`` but each image keeps only its real crops: ``crops`` is a list of (1 + h_c*w_c, 3, c, c).
+
+        For callers that never encode the zero-padding slots (the engine), so they are never built either.
+        """
+        nc = num_crops or self.num_crops
+        crops, sizes, tokens = [], [], []
+        for im in images:
+            x, (h, w) = self.preprocess_one(im, nc)
+            crops.append(x)
+            sizes.append([h, w])
+            tokens.append(self.tokens_for_size(h, w))
+        return {"crops": crops, "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+                "num_img_tokens": tokens}
 
     def __call__(self, images, num_crops: int | None = None, return_tensors: str | None = "pt") -> dict:
         """Batch of images (each padded with zero crops to num_crops+1)."""
@@ -129,19 +148,20 @@ class Phi3VImageProcessor:
         if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
         nc = num_crops or self.num_crops
-        pix, sizes, tokens = [], [], []
-        for im in images:
-            crops, (h, w) = self.preprocess_one(im, nc)
-            pad = torch.zeros(nc + 1 - crops.shape[0], *crops.shape[1:])
-            pix.append(torch.cat([crops, pad], dim=0))
-            sizes.append([h, w])
-            tokens.append(self.tokens_for_size(h, w))
         c = self.crop_size
-        return {
-            "pixel_values": torch.stack(pix) if pix else torch.zeros(0, nc + 1, 3, c, c),
-            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
-            "num_img_tokens": tokens,
-        }
+        feats = self.preprocess_unpadded(images, nc)
+        pix = torch.zeros(len(feats["crops"]), nc + 1, 3, c, c)
+        for i, x in enumerate(feats["crops"]):
+            pix[i, : x.shape[0]] = x
+        return {"pixel_values": pix, "image_sizes": feats["image_sizes"], "num_img_tokens": feats["num_img_tokens"]}
+
+    @property
+    def _mean(self) -> torch.Tensor:
+        return torch.tensor(self.image_mean).view(3, 1, 1)
+
+    @property
+    def _std(self) -> torch.Tensor:
+        return torch.tensor(self.image_std).view(3, 1, 1)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

@@ -115,14 +115,24 @@ class Phi3VImageEmbedding(nn.Module):
             if 1 + h_c * w_c > pixel_values.shape[1]:
                 raise ValueError(f"image {i} needs {1 + h_c * w_c} crops but pixel_values holds {pixel_values.shape[1]}")
             grids.append((h_c, w_c))
-        # One CLIP batch with the global crop + used local crops of every image (padding crops are discarded anyway).
         if encode_padding:
             n, slots = pixel_values.shape[:2]
             every = self.clip_features(pixel_values.reshape(n * slots, *pixel_values.shape[2:]))
             feats = torch.cat([every[i * slots : i * slots + 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)])
-        else:
-            crops = torch.cat([pixel_values[i, : 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)], dim=0)
-            feats = self.clip_features(crops)
+            return self.project(feats, grids)
+        return self.features_from_crops([pixel_values[i, : 1 + h_c * w_c] for i, (h_c, w_c) in enumerate(grids)], grids)
+
+    def features_from_crops(self, crops: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Projected features from each image's real crops ((1 + h_c*w_c, 3, crop, crop), global view first).
+
+        One CLIP batch holds the crops of every image."""
+        for i, (x, (h_c, w_c)) in enumerate(zip(crops, grids)):
+            if x.shape[0] != 1 + h_c * w_c or tuple(x.shape[-2:]) != (self.crop, self.crop):
+                raise ValueError(f"image {i}: {tuple(x.shape)} crops for a {h_c}x{w_c} crop grid of {self.crop} px")
+        return self.project(self.clip_features(torch.cat(crops, dim=0)), grids)
+
+    def project(self, feats: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """CLIP features of the real crops of every image (in order) -> per-image projected token features."""
         proj_dtype = self.img_projection[0].bias.dtype
         per_image, start = [], 0
         for h_c, w_c in grids:

@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=8, help="relations in the multi-relation query (default 8)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, median reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap for generated answers")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if min(args.repeat, args.frames, args.candidates, args.vision_crops) < 1:
         print("error: --repeat, --frames, --candidates and --vision-crops must be >= 1", file=sys.stderr)
         return 2
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tmp = None
     model = args.model
     adapters = adapter_names(args.adapter)
