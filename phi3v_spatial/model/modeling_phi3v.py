@@ -129,7 +129,7 @@ class Phi3VImageEmbedding(nn.Module):
         for i, (x, (h_c, w_c)) in enumerate(zip(crops, grids)):
             if x.shape[0] != 1 + h_c * w_c or tuple(x.shape[-2:]) != (self.crop, self.crop):
                 raise ValueError(f"image {i}: {tuple(x.shape)} crops for a {h_c}x{w_c} crop grid of {self.crop} px")
-        return self.project(self.clip_features(torch.cat(crops, dim=0)), grids)
+        return self.project(self.clip_features(crops[0] if len(crops) == 1 else torch.cat(crops, dim=0)), grids)
 
     def project(self, feats: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """CLIP features of the real crops of every image (in order) -> per-image projected token features."""
