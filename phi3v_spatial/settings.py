@@ -45,6 +45,7 @@ def node_defaults() -> dict:
         "quantization": "none",
         "cache.vision_mb": 256.0,
         "cache.prefix_mb": 1024.0,
+        "relation_batch_size": 8,
         "image_topics": ["/camera/image_raw"],
         "window.num_frames": 1,
         "window.min_interval_s": 0.5,
@@ -64,7 +65,8 @@ def engine_options(params: dict):
     """The engine's reuse options from node parameters (cache sizes; the other optimisations are always on)."""
     from .engine.engine import EngineOptions
 
-    return EngineOptions(vision_cache_mb=float(params["cache.vision_mb"]), prefix_cache_mb=float(params["cache.prefix_mb"]))
+    return EngineOptions(vision_cache_mb=float(params["cache.vision_mb"]), prefix_cache_mb=float(params["cache.prefix_mb"]),
+                         relation_batch_size=int(params["relation_batch_size"]))
 
 
 def resolve_model_and_adapters(model_path: str, adapters: dict[str, str], active_adapter: str

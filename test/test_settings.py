@@ -47,3 +47,17 @@ def test_topic_spec_suffixes_force_the_message_type():
     assert settings.split_topic_spec("/cam/image:compressed") == ("/cam/image", "compressed")
     assert settings.split_topic_spec(" cam/image_raw:raw ") == ("cam/image_raw", "raw")
     assert settings.split_topic_spec("/cam/image/compressed") == ("/cam/image/compressed", None)
+
+
+def test_engine_options_come_from_the_node_parameters():
+    """The node and replay build the engine's reuse options from the same parameters and defaults."""
+    from phi3v_spatial.engine.engine import EngineOptions
+    from phi3v_spatial.replay.params import ReplaySettings
+
+    opts = settings.engine_options(settings.node_defaults())
+    assert opts == EngineOptions()  # the documented defaults are the engine's defaults
+    p = {**settings.node_defaults(), "cache.vision_mb": 0.0, "cache.prefix_mb": 12.5, "relation_batch_size": 3}
+    opts = settings.engine_options(p)
+    assert (opts.vision_cache_mb, opts.prefix_cache_mb, opts.relation_batch_size) == (0.0, 12.5, 3)
+    rs = ReplaySettings.from_params({"cache.prefix_mb": 12.5, "relation_batch_size": 3, "quantization": "none"})
+    assert (rs.prefix_cache_mb, rs.relation_batch_size, rs.quantization) == (12.5, 3, "none")

@@ -21,7 +21,8 @@ def node_defaults() -> dict:
     defaults = settings.node_defaults()
     keep = ("window.num_frames", "window.min_interval_s", "window.max_age_s", "window.capacity", "max_image_pixels",
             "generation.max_new_tokens", "plan.max_new_tokens", "model_path", "adapters", "active_adapter", "device",
-            "dtype", "attn_implementation", "num_crops", "quantization", "cache.vision_mb", "cache.prefix_mb")
+            "dtype", "attn_implementation", "num_crops", "quantization", "cache.vision_mb", "cache.prefix_mb",
+            "relation_batch_size")
     return {"image_topics": [], **{k: defaults[k] for k in keep}}
 
 
@@ -127,6 +128,7 @@ class ReplaySettings:
     quantization: str = "none"
     vision_cache_mb: float = 256.0
     prefix_cache_mb: float = 1024.0
+    relation_batch_size: int = 8
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
@@ -151,6 +153,7 @@ class ReplaySettings:
                 quantization=str(p["quantization"] or "none"),
                 vision_cache_mb=float(p["cache.vision_mb"]),
                 prefix_cache_mb=float(p["cache.prefix_mb"]),
+                relation_batch_size=int(p["relation_batch_size"]),
             )
         except (TypeError, ValueError) as e:
             raise ParamsError(f"parameters from {source}: {e}") from None

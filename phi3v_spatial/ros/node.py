@@ -156,6 +156,9 @@ class SpatialNode(LifecycleNode):
             "Image-embedding cache per frame (topic + stamp), MB; 0 disables; settable at runtime", 0.0, 1e6))
         declare("cache.prefix_mb", _float_desc(
             "Key/value cache of image prompt prefixes per window, MB; 0 disables; settable at runtime", 0.0, 1e6))
+        declare("relation_batch_size", _int_desc(
+            "QueryRelations candidates scored per batched forward pass (each holds a copy of the window's KV cache)",
+            1, 256, read_only=True))
         declare("image_topics", _desc(
             "Camera topics; 'topic:compressed' forces CompressedImage, names ending in /compressed are compressed, "
             "otherwise the type is taken from the graph (Image if unknown)", T.PARAMETER_STRING_ARRAY))
