@@ -243,3 +243,38 @@ def test_objects_are_distinct_visible_and_apart():
         for cam in range(2):
             ids = set(np.unique(s.masks[cam][0])) - {0}
             assert ids == {1, 2, 3, 4}
+
+
+def test_presence_questions_are_true_and_opt_in():
+    from phi3v_spatial.data.questions import DEFAULT_KINDS
+    from phi3v_spatial.data.scene import PALETTE
+
+    assert "presence" not in DEFAULT_KINDS
+    for seed in range(5):
+        scene = make_scene(seed)
+        recs = scene_records(scene, ["x.png"], np.random.default_rng(seed), kinds=["presence"])
+        assert sorted(r.subj for r in recs) == sorted(PALETTE)
+        colours = {o.colour for o in scene.objects}
+        for r in recs:
+            article = "an" if r.subj[0] in "aeiou" else "a"
+            assert r.type == "presence" and r.question == f"Is there {article} {r.subj} object? Answer yes or no."
+            assert r.answer == ("yes" if r.subj in colours else "no") and r.label == int(r.subj in colours)
+        assert not [r for r in scene_records(scene, ["x.png"], np.random.default_rng(seed)) if r.type == "presence"]
+
+
+def test_locate_answers_follow_the_geometry():
+    from phi3v_spatial.data.questions import LOCATE_COLUMNS
+
+    for seed in range(6):
+        scene = make_scene(seed)
+        recs = scene_records(scene, ["x.png"], np.random.default_rng(seed), kinds=["locate"])
+        assert sorted(r.subj for r in recs) == sorted(scene.names)
+        for r in recs:
+            o = scene.object(r.subj)
+            column, depth, support = r.answer.split(", ")
+            assert r.question == f"Where is the {o.colour} object?"
+            u = scene.pixel(r.subj)[0]
+            assert LOCATE_COLUMNS.index(column) == min(4, int(u / scene.cameras[0][0].width * 5))
+            z = scene.camera_position(r.subj)[2]
+            assert depth == ("near" if z < 2.7 else "middle" if z < 3.6 else "far")
+            assert (support == "in the air") == (o.bottom(0) > 0.05)

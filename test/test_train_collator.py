@@ -107,3 +107,42 @@ def test_label_mask_with_a_freshly_trained_tokenizer(tmp_path):
     tok_dir = train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=320)
     processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, tok_dir), num_crops=1)
     _check_mask(processor, records, str(tmp_path))
+
+
+def test_multi_turn_packing_learns_every_answer_and_keeps_the_first_prompt(tmp_path):
+    """turns > 1: the first turn is exactly the inference prompt, every answer is learned, the rest is masked."""
+    from phi3v_spatial.model import Phi3VProcessor
+    from phi3v_spatial.train.collator import follow_up_prompt
+    from phi3v_spatial.train.tokenizer_training import train_tokenizer
+
+    img = _images(tmp_path, 1)
+    records = [SpatialRecord(id=f"q{i}", images=img, question=prompts.relation_question(s, "left of", o),
+                             answer=a, type="yesno")
+               for i, (s, o, a) in enumerate([("red cube", "blue sphere", "yes"), ("blue sphere", "red cube", "no"),
+                                              ("green cone", "red cube", "yes")])]
+    other = SpatialRecord(id="z", images=_images(tmp_path, 2)[1:], question="How many objects are there?", answer="2",
+                          type="count")
+    texts = [prompts.chat_prompt(r.question, 1) + prompts.answer_target(r.answer) for r in records] * 4
+    processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=320)),
+                                               num_crops=1)
+    tok, root = processor.tokenizer, str(tmp_path)
+    items = [(r, root) for r in records + [other]]
+    collator = SpatialCollator(processor, turns=3, items=items)
+    s = collator.encode(records[1], root)
+    # deterministic partners: the next records of the same image, wrapping around
+    first = encode_record(processor, records[1], root)
+    n_prompt = first.labels.count(IGNORE_INDEX)
+    assert s.input_ids[:n_prompt] == first.input_ids[:n_prompt]
+    learned = [i for i in s.labels if i != IGNORE_INDEX]
+    eot = tok.convert_tokens_to_ids(prompts.ENDOFTEXT)
+    expect = []
+    for k, r in enumerate([records[1], records[2], records[0]]):
+        t = tok(prompts.answer_target(r.answer), add_special_tokens=False)["input_ids"]
+        expect += t if k == 2 else [i for i in t if i != eot]
+    assert learned == expect
+    follow = tok(follow_up_prompt(records[2].question), add_special_tokens=False)["input_ids"]
+    text_ids = [i for i in s.input_ids if i >= 0]
+    assert any(text_ids[j:j + len(follow)] == follow for j in range(len(text_ids)))
+    # a record alone on its image stays a single turn; turns=1 is the plain collator
+    assert collator.encode(other, root).input_ids == encode_record(processor, other, root).input_ids
+    assert SpatialCollator(processor).encode(records[1], root).input_ids == first.input_ids

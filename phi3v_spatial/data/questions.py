@@ -23,13 +23,19 @@ from .scene import (
 from .vsr import VSR_META_CATEGORIES
 
 KINDS = RECORD_TYPES
-DEFAULT_KINDS = KINDS
-# Records per scene (per camera for the single-image kinds).
-DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "plan": 1, "describe": 1, "count": 1}
+# "presence" is opt-in (base pretraining of the embedded model), so default datasets are unchanged.
+DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate"))
+# Records per scene (per camera for the single-image kinds); presence asks about every palette colour.
+DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "plan": 1, "describe": 1, "count": 1,
+                  "presence": 6, "locate": 4}
 QUANT_TOLERANCE = 0.25  # relative
 MOTION_MARGIN_M = 0.2
 
 DESCRIBE_QUESTION = "What objects are in the image?"
+PRESENCE_QUESTION = "Is there {colour} object? Answer yes or no."   # colour with its article
+LOCATE_QUESTION = "Where is the {colour} object?"
+LOCATE_COLUMNS = ("far left", "left", "centre", "right", "far right")   # fifths of the image width
+LOCATE_DEPTHS = ((2.7, "near"), (3.6, "middle"), (float("inf"), "far"))  # camera-frame depth (m) bands
 COUNT_QUESTION = "How many objects are there?"
 MOVED_QUESTION = "Which object moved?"
 SUPERLATIVES = {
@@ -320,6 +326,39 @@ def plan_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int
     return out
 
 
+def presence_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """"Is there a red object?" for ``n`` palette colours (all six by default, in a random order): colour
+    grounding without any layout, for base pretraining (the answer never depends on where things are)."""
+    from .scene import PALETTE
+
+    present = {o.colour for o in scene.objects}
+    colours = [list(PALETTE)[int(i)] for i in rng.permutation(len(PALETTE))][: max(0, n)]
+    return [SpatialRecord(**_ctx(scene, camera, image, "presence", j), question=PRESENCE_QUESTION.format(colour=_article(c)),
+                          answer=prompts.YES if c in present else prompts.NO, subj=c, label=int(c in present))
+            for j, c in enumerate(colours)]
+
+
+def locate_answer(scene: SynthScene, name: str, camera: int = 0) -> str:
+    """"left, near, on the ground": image column of the centre (fifths), depth band, resting or floating."""
+    cam = scene.cameras[camera][0]
+    u = float(scene.pixel(name, 0, camera)[0])
+    column = LOCATE_COLUMNS[min(len(LOCATE_COLUMNS) - 1, max(0, int(u / cam.width * len(LOCATE_COLUMNS))))]
+    z = float(scene.camera_position(name, 0, camera)[2])
+    depth = next(label for limit, label in LOCATE_DEPTHS if z < limit)
+    support = "in the air" if scene.object(name).bottom(0) > 0.05 else "on the ground"
+    return f"{column}, {depth}, {support}"
+
+
+def locate_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """"Where is the red object?" for up to ``n`` objects (random order), answered by ``locate_answer``."""
+    out = []
+    for j, i in enumerate(rng.permutation(len(scene.objects))[: max(0, n)]):
+        o = scene.objects[int(i)]
+        out.append(SpatialRecord(**_ctx(scene, camera, image, "locate", j), question=LOCATE_QUESTION.format(colour=o.colour),
+                                 answer=locate_answer(scene, o.name, camera), subj=o.name))
+    return out
+
+
 def describe_answer(names: Sequence[str]) -> str:
     """Objects sorted by name (i.e. by colour): the order carries no layout information."""
     names = sorted(names)
@@ -348,6 +387,10 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
             out.append(SpatialRecord(**_ctx(scene, cam, img, "count", 0), question=COUNT_QUESTION,
                                      answer=str(len(scene.objects)), value=float(len(scene.objects)), unit="objects",
                                      tolerance=0.0))
+        if "presence" in kinds and cam == 0:
+            out += presence_records(scene, cam, img, rng, counts["presence"])
+        if "locate" in kinds and cam == 0:
+            out += locate_records(scene, cam, img, rng, counts["locate"])
         if "yesno" in kinds:
             out += yesno_records(scene, cam, img, rng, counts["yesno"])
         if "choice" in kinds:

@@ -11,8 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Iterator
 
-# Question kinds. "yesno"/"choice"/"open" are qualitative; "quantitative" answers carry a value + tolerance.
-RECORD_TYPES = ("yesno", "choice", "open", "quantitative", "multiframe", "plan", "describe", "count")
+# Question kinds. "yesno"/"choice"/"open" are qualitative; "quantitative" answers carry a value + tolerance;
+# "presence" ("Is there a red object?") and "locate" ("Where is the red object?" -> coarse image column,
+# distance band, on the ground / in the air) pretrain the embedded base model; neither is a relation question.
+RECORD_TYPES = ("yesno", "choice", "open", "quantitative", "multiframe", "plan", "describe", "count", "presence",
+                "locate")
 
 
 @dataclass

@@ -112,15 +112,71 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     return batch
 
 
-class SpatialCollator:
-    """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``."""
+def follow_up_prompt(question: str) -> str:
+    """A later user turn of the same chat (no images): ``<|user|>\\n{question}<|end|>\\n<|assistant|>\\n``."""
+    return f"<|user|>\n{question}{prompts.END}\n<|assistant|>\n"
 
-    def __init__(self, processor):
+
+def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
+                        images: Sequence | None = None) -> EncodedSample:
+    """Several records about the same images as one multi-turn chat, every answer learned.
+
+    The first turn is exactly ``encode_record``'s prompt (what inference sends); each later record is a
+    follow-up user turn, answered with ``answer<|end|>\\n``; ``<|endoftext|>`` closes only the last answer.
+    One image encoding then carries several supervised answers, which is what lets a tiny model trained
+    from scratch learn question x image interactions within a CPU budget."""
+    records = list(records)
+    if len(records) == 1:
+        return encode_record(processor, records[0], root, images)
+    first = records[0]
+    if images is None:
+        images = load_images(first, root) if first.images else []
+    ids, pv, sizes = encode_prompt(processor, record_prompt(first), images)
+    labels = [IGNORE_INDEX] * len(ids)
+    tok = processor.tokenizer
+    eot = tok.convert_tokens_to_ids(prompts.ENDOFTEXT)
+    for k, r in enumerate(records):
+        tgt = target_ids(tok, r.answer)
+        last = k == len(records) - 1
+        if not last and tgt and tgt[-1] == eot:
+            tgt = tgt[:-1]
+        ids += tgt
+        labels += tgt
+        if not last:
+            nxt = list(tok(follow_up_prompt(records[k + 1].question), add_special_tokens=False)["input_ids"])
+            ids += nxt
+            labels += [IGNORE_INDEX] * len(nxt)
+    return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes)
+
+
+class SpatialCollator:
+    """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``.
+
+    ``turns > 1`` (training only): each drawn record is followed, in the same chat, by up to ``turns - 1``
+    other records about the same images (from ``items``, the full training list), chosen deterministically
+    (the next ones in file order, wrapping around), so resumed runs see identical batches."""
+
+    def __init__(self, processor, turns: int = 1, items: Sequence[tuple[SpatialRecord, str]] | None = None):
         self.processor = processor
         self.pad_id = pad_id_of(processor.tokenizer)
+        self.turns = max(1, int(turns))
+        self._groups: dict = {}
+        self._index: dict = {}
+        if self.turns > 1 and items:
+            for r, root in items:
+                key = (root, tuple(r.images))
+                group = self._groups.setdefault(key, [])
+                self._index[(key, r.id)] = len(group)
+                group.append(r)
 
     def encode(self, record: SpatialRecord, root: str) -> EncodedSample:
-        return encode_record(self.processor, record, root)
+        if self.turns == 1:
+            return encode_record(self.processor, record, root)
+        key = (root, tuple(record.images))
+        group = self._groups.get(key, [record])
+        i = self._index.get((key, record.id), 0)
+        others = [g for g in group[i + 1:] + group[:i] if g is not record][: self.turns - 1]
+        return encode_conversation(self.processor, [record] + others, root)
 
     def __call__(self, items: Sequence[tuple[SpatialRecord, str]]) -> dict:
         return collate([self.encode(r, root) for r, root in items], self.pad_id)

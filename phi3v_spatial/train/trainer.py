@@ -47,6 +47,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
+    # >1: pack up to this many records about the same images into one multi-turn chat (collator ``turns``)
+    turns: int = 1
     # checkpoints
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -339,7 +341,8 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-7,
     )
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, max(0, steps - 1)), steps)
-    collator = SpatialCollator(processor)
+    collator = SpatialCollator(processor, turns=cfg.turns,
+                               items=[it for i in items for it in i] if cfg.turns > 1 else None)
 
     os.makedirs(cfg.out, exist_ok=True)
     step, losses = 0, []

@@ -1,0 +1,130 @@
+"""Vision-language colour alignment: a short, dense pretraining of the vision tower + projector.
+
+Why: a Phi3V model trained from scratch sees each object as a few of its image tokens, mostly background.
+Before the language model can learn *question-conditioned* reading ("is the red cube left of ...") it has to
+find the image tokens that match a word of the question. This stage makes that match cheap to learn: every
+image token is trained to be recognisable as the colour word of the object it shows, by scoring the token's
+(RMS-normalised) projected feature against the language model's own (normalised) embeddings of the colour
+words, with the per-token colour shares as soft targets (plus a "background" class). The labels come from the
+pixels alone (chromaticity close to a palette colour and saturated), so any rendered image can be used.
+Only ``model.vision_embed_tokens`` is updated; the token embeddings are read, not trained.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+
+def colour_word_ids(tokenizer, colours: Sequence[str]) -> list[int]:
+    """Id of the token for `` <colour>`` as it appears inside a question (the last piece of its encoding)."""
+    return [int(tokenizer(" " + c, add_special_tokens=False)["input_ids"][-1]) for c in colours]
+
+
+def cell_colour_shares(rgb, palette, cells: int, max_dist: float = 0.02, min_sat: float = 0.25):
+    """(N, 3, S, S) RGB in [0, 1] -> (N, cells*cells, C + 1): share of each cell's pixels whose chromaticity
+    is within ``max_dist`` of palette colour c (and saturated), last column = the rest (background)."""
+    import torch
+
+    n, _, size, _ = rgb.shape
+    pal = torch.as_tensor(palette, dtype=rgb.dtype)
+    pal = pal / pal.sum(1, keepdim=True)
+    chrom = rgb / rgb.sum(1, keepdim=True).clamp_min(1e-3)
+    d = ((chrom[:, None] - pal[None, :, :, None, None]) ** 2).sum(2)          # N, C, S, S
+    sat = rgb.amax(1) - rgb.amin(1)
+    best = d.argmin(1)
+    ok = (d.amin(1) < max_dist) & (sat > min_sat)
+    lab = torch.where(ok, best, torch.full_like(best, len(palette)))
+    onehot = torch.nn.functional.one_hot(lab, len(palette) + 1).to(rgb.dtype)  # N, S, S, C+1
+    c = size // cells
+    onehot = onehot[:, : cells * c, : cells * c]
+    return onehot.reshape(n, cells, c, cells, c, -1).mean((2, 4)).reshape(n, cells * cells, -1)
+
+
+def token_targets(model, processor, pixel_values, image_sizes, palette) -> tuple:
+    """Per-image (feature rows, targets) for the sub-image and global tokens (separators excluded).
+
+    Layout (``Phi3VImageEmbedding``): sub grid of (h_c*g) rows x (w_c*g + 1) columns (last = separator),
+    then glb_GN, then the global crop's g rows x (g + 1) columns."""
+    import torch
+
+    ve = model.model.vision_embed_tokens
+    g = ve.grid // 2
+    proc = processor.image_processor
+    mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    rows, targets = [], []
+    for i, (h, w) in enumerate(torch.as_tensor(image_sizes).reshape(-1, 2).tolist()):
+        h_c, w_c = h // ve.crop, w // ve.crop
+        crops = (pixel_values[i, : 1 + h_c * w_c].float() * std + mean).clamp(0, 1)
+        shares = cell_colour_shares(crops, palette, g)                           # 1 + h_c*w_c, g*g, C+1
+        sub = shares[1:].reshape(h_c, w_c, g, g, -1).permute(0, 2, 1, 3, 4).reshape(h_c * g, w_c * g, -1)
+        sub_idx = [r * (w_c * g + 1) + c for r in range(h_c * g) for c in range(w_c * g)]
+        n_sub = h_c * g * (w_c * g + 1)
+        glb_idx = [n_sub + 1 + r * (g + 1) + c for r in range(g) for c in range(g)]
+        rows.append(sub_idx + glb_idx)
+        targets.append(torch.cat([sub.reshape(-1, sub.shape[-1]), shares[0]], 0))
+    return rows, targets
+
+
+def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch_size: int = 32, lr: float = 2e-3,
+                 seed: int = 0, object_weight: float = 10.0, log_every: int = 25, palette: dict | None = None) -> dict:
+    """Train ``model.vision_embed_tokens`` so image tokens score as their colour word (see module doc)."""
+    import torch
+    from PIL import Image
+
+    from ..data.scene import PALETTE
+
+    palette = dict(palette or PALETTE)
+    cols = np.asarray(list(palette.values()), dtype=np.float32) / 255.0
+    word_ids = torch.tensor(colour_word_ids(processor.tokenizer, list(palette)))
+    ve = model.model.vision_embed_tokens
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for p in ve.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    scale = torch.nn.Parameter(torch.tensor(4.0))
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}, {"params": [scale], "weight_decay": 0.0}], lr=lr)
+    emb = model.model.embed_tokens.weight.detach()[word_ids]
+    emb = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+    rng = np.random.default_rng([seed, 0xA1])
+    model.train()
+    t0, losses = time.time(), []
+
+    def batch(idx):
+        images = []
+        for i in idx:
+            with Image.open(image_paths[int(i)]) as im:
+                images.append(im.convert("RGB"))
+        feats = processor.image_processor(images)
+        pv, sizes = feats["pixel_values"], feats["image_sizes"]
+        out = ve.image_features(pv.to(next(ve.parameters()).dtype), sizes)
+        rows, targets = token_targets(model, processor, pv, sizes, cols)
+        f = torch.cat([o[r] for o, r in zip(out, rows)], 0)
+        y = torch.cat(targets, 0)
+        fn = f / f.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        logits = fn @ emb.T * (scale / fn.shape[-1] ** 0.5)
+        logits = torch.cat([logits, torch.zeros(len(f), 1)], -1)
+        nll = -(y * torch.log_softmax(logits, -1)).sum(-1)
+        wgt = 1.0 + object_weight * (1.0 - y[:, -1])
+        obj = y[:, -1] < 0.5
+        acc = float((logits.argmax(-1) == y.argmax(-1))[obj].float().mean()) if bool(obj.any()) else float("nan")
+        return (nll * wgt).sum() / wgt.sum(), acc
+
+    for step in range(1, steps + 1):
+        loss, acc = batch(rng.integers(0, len(image_paths), batch_size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and step % log_every == 0:
+            print(f"[align] step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} object-token acc {acc:.2f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"steps": steps, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "seconds": round(time.time() - t0, 1)}

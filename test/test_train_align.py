@@ -1,0 +1,57 @@
+"""Colour alignment of the vision tower (train.align): pixel-derived token targets and a loss that goes down."""
+import numpy as np
+import torch
+
+from phi3v_spatial.data.scene import PALETTE
+from phi3v_spatial.train.align import align_vision, cell_colour_shares, token_targets
+
+
+def test_cell_colour_shares_find_palette_colours_under_shading():
+    img = torch.full((1, 3, 56, 56), 0.55)                       # grey background
+    red = torch.tensor(PALETTE["red"], dtype=torch.float32) / 255
+    img[0, :, :28, :28] = red.view(3, 1, 1) * 0.6                  # shaded red in the top-left quarter
+    blue = torch.tensor(PALETTE["blue"], dtype=torch.float32) / 255
+    img[0, :, 42:, 42:] = blue.view(3, 1, 1)                       # a quarter of the bottom-right cell
+    s = cell_colour_shares(img, np.asarray(list(PALETTE.values()), dtype=np.float32) / 255, 2)
+    names = list(PALETTE)
+    assert s.shape == (1, 4, len(names) + 1)
+    assert torch.allclose(s.sum(-1), torch.ones(1, 4))
+    assert s[0, 0, names.index("red")] == 1.0
+    assert abs(float(s[0, 3, names.index("blue")]) - 0.25) < 1e-6 and abs(float(s[0, 3, -1]) - 0.75) < 1e-6
+    assert s[0, 1, -1] == 1.0 and s[0, 2, -1] == 1.0
+
+
+def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
+    from PIL import Image
+
+    from phi3v_spatial.data.synth import make_scene
+    from phi3v_spatial.engine import prompts
+    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_spatial.model.tiny import save_random_checkpoint
+    from phi3v_spatial.train.tokenizer_training import load_fast_tokenizer, train_tokenizer
+
+    texts = [prompts.chat_prompt(f"Is there a {c} object? Answer yes or no.", 1) + prompts.answer_target("yes")
+             for c in PALETTE] * 4
+    tok_dir = train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=320)
+    pad = load_fast_tokenizer(tok_dir).pad_token_id
+    d = save_random_checkpoint(str(tmp_path / "tiny"), tok_dir, seed=0, num_crops=1, pad_token_id=pad)
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"s{i}.png"
+        Image.fromarray(make_scene(i).images[0][0]).save(p)
+        paths.append(str(p))
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
+    feats = processor.image_processor([Image.open(paths[0]).convert("RGB")])
+    rows, targets = token_targets(model, processor, feats["pixel_values"], feats["image_sizes"],
+                                  np.asarray(list(PALETTE.values()), dtype=np.float32) / 255)
+    n_tokens = model.model.vision_embed_tokens.image_features(feats["pixel_values"], feats["image_sizes"])[0].shape[0]
+    g = model.model.vision_embed_tokens.grid // 2
+    assert len(rows[0]) == targets[0].shape[0] == 2 * g * g and max(rows[0]) < n_tokens
+    lm_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_embed_tokens" not in k}
+    torch.manual_seed(0)
+    s = align_vision(model, processor, paths, steps=30, batch_size=4, lr=5e-3, log_every=0)
+    assert s["final_loss"] < s["first_loss"]
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in lm_before.items())
+    assert all(p.requires_grad for p in model.parameters())
