@@ -29,6 +29,12 @@ class TextStream:
                 self._on_text(text, len(self.ids))
 
     def finish(self) -> str:
-        """The full decoded text (including a dangling partial character, as the tokenizer decodes it)."""
-        self.text = self._tok.decode(self.ids, skip_special_tokens=True)
+        """The full decoded text, also streamed when it differs from the last emission (generation that stopped at
+        the token limit in the middle of a character ends with the tokenizer's replacement character, as the
+        answer itself does)."""
+        text = self._tok.decode(self.ids, skip_special_tokens=True)
+        if text != self.text:
+            self.text = text
+            if self._on_text:
+                self._on_text(text, len(self.ids))
         return self.text
