@@ -59,5 +59,7 @@ def test_engine_options_come_from_the_node_parameters():
     p = {**settings.node_defaults(), "cache.vision_mb": 0.0, "cache.prefix_mb": 12.5, "relation_batch_size": 3}
     opts = settings.engine_options(p)
     assert (opts.vision_cache_mb, opts.prefix_cache_mb, opts.relation_batch_size) == (0.0, 12.5, 3)
-    rs = ReplaySettings.from_params({"cache.prefix_mb": 12.5, "relation_batch_size": 3, "quantization": "none"})
-    assert (rs.prefix_cache_mb, rs.relation_batch_size, rs.quantization) == (12.5, 3, "none")
+    p_replay = {"cache.prefix_mb": 12.5, "relation_batch_size": 3, "quantization": "none"}
+    rs = ReplaySettings.from_params(p_replay)
+    assert rs.engine_options == settings.engine_options({**settings.node_defaults(), **p_replay})
+    assert (rs.engine_options.prefix_cache_mb, rs.engine_options.relation_batch_size) == (12.5, 3)

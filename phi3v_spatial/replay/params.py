@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import settings
-from ..settings import NODE_NAME, split_topic_spec
+from ..settings import NODE_NAME, engine_options, split_topic_spec
 
 
 def node_defaults() -> dict:
@@ -126,9 +126,7 @@ class ReplaySettings:
     attn_implementation: str = "auto"
     num_crops: int = 0
     quantization: str = "none"
-    vision_cache_mb: float = 256.0
-    prefix_cache_mb: float = 1024.0
-    relation_batch_size: int = 8
+    engine_options: object = None  # EngineOptions from the same parameters as the node (settings.engine_options)
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
@@ -151,9 +149,7 @@ class ReplaySettings:
                 attn_implementation=str(p["attn_implementation"] or "auto"),
                 num_crops=int(p["num_crops"] or 0),
                 quantization=str(p["quantization"] or "none"),
-                vision_cache_mb=float(p["cache.vision_mb"]),
-                prefix_cache_mb=float(p["cache.prefix_mb"]),
-                relation_batch_size=int(p["relation_batch_size"]),
+                engine_options=engine_options(p),
             )
         except (TypeError, ValueError) as e:
             raise ParamsError(f"parameters from {source}: {e}") from None

@@ -69,14 +69,13 @@ def resolve_settings(args: argparse.Namespace):
 
 def load_engine(settings):
     """The SpatialEngine the node would build from the same parameters."""
-    from ...engine.engine import EngineOptions, SpatialEngine
+    from ...engine.engine import SpatialEngine
 
     return SpatialEngine.from_pretrained(
         settings.model_path, adapters=settings.adapters, active_adapter=settings.active_adapter or None,
         device=settings.device, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
         num_crops=settings.num_crops or None, max_image_pixels=settings.max_image_pixels,
-        options=EngineOptions(vision_cache_mb=settings.vision_cache_mb, prefix_cache_mb=settings.prefix_cache_mb,
-                              relation_batch_size=settings.relation_batch_size),
+        options=settings.engine_options,
         quantization=settings.quantization)
 
 
