@@ -112,7 +112,6 @@ def test_label_mask_with_a_freshly_trained_tokenizer(tmp_path):
 def test_multi_turn_packing_learns_every_answer_and_keeps_the_first_prompt(tmp_path):
     """turns > 1: the first turn is exactly the inference prompt, every answer is learned, the rest is masked."""
     from phi3v_spatial.model import Phi3VProcessor
-    from phi3v_spatial.train.collator import follow_up_prompt
     from phi3v_spatial.train.tokenizer_training import train_tokenizer
 
     img = _images(tmp_path, 1)
@@ -140,7 +139,7 @@ def test_multi_turn_packing_learns_every_answer_and_keeps_the_first_prompt(tmp_p
         t = tok(prompts.answer_target(r.answer), add_special_tokens=False)["input_ids"]
         expect += t if k == 2 else [i for i in t if i != eot]
     assert learned == expect
-    follow = tok(follow_up_prompt(records[2].question), add_special_tokens=False)["input_ids"]
+    follow = tok(prompts.chat_prompt(records[2].question, 0), add_special_tokens=False)["input_ids"]
     text_ids = [i for i in s.input_ids if i >= 0]
     assert any(text_ids[j:j + len(follow)] == follow for j in range(len(text_ids)))
     # a record alone on its image stays a single turn; turns=1 is the plain collator

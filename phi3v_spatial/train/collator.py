@@ -112,11 +112,6 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     return batch
 
 
-def follow_up_prompt(question: str) -> str:
-    """A later user turn of the same chat (no images): ``<|user|>\\n{question}<|end|>\\n<|assistant|>\\n``."""
-    return f"<|user|>\n{question}{prompts.END}\n<|assistant|>\n"
-
-
 def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
                         images: Sequence | None = None) -> EncodedSample:
     """Several records about the same images as one multi-turn chat, every answer learned.
@@ -143,7 +138,8 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
         ids += tgt
         labels += tgt
         if not last:
-            nxt = list(tok(follow_up_prompt(records[k + 1].question), add_special_tokens=False)["input_ids"])
+            follow_up = prompts.chat_prompt(records[k + 1].question, 0)  # a later user turn: no images
+            nxt = list(tok(follow_up, add_special_tokens=False)["input_ids"])
             ids += nxt
             labels += [IGNORE_INDEX] * len(nxt)
     return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes)
