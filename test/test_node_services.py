@@ -57,17 +57,19 @@ def client(node_proc):
     cams = CameraPublisher(c, {FRONT: "raw", SIDE: "jpeg", BAD: corrupt, BIG: big_frame}, rate_hz=10)
     stale = CameraPublisher(c, {STALE: "raw"}, rate_hz=5, stamp_offset_s=-30.0)
     c.wait_for_state("active", NODE, timeout=120, proc=node_proc)
-    # wait until both good cameras have reached the node's window (best-effort discovery takes a moment)
+    # wait until both good cameras fill the node's window: window.num_frames (2) keyframes each, which takes
+    # best-effort discovery plus window.min_interval_s; a loaded machine can answer before the second keyframe
     from phi3v_spatial_interfaces.srv import AskSpatial
 
     end = time.monotonic() + 30
     while True:
         r = c.call(AskSpatial, f"{NODE}/ask", AskSpatial.Request(question="ready?", image_topics=[FRONT, SIDE],
                                                                    max_new_tokens=1))
-        if r.success or time.monotonic() > end:
+        if (r.success and len(r.frame_stamps) == 4) or time.monotonic() > end:
             break
         time.sleep(0.3)
     assert r.success, r.error
+    assert len(r.frame_stamps) == 4, f"window never held 2 frames per camera: {len(r.frame_stamps)} frames"
     yield c
     cams.stop()
     stale.stop()
