@@ -43,11 +43,15 @@ def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
     model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
     processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
     feats = processor.image_processor([Image.open(paths[0]).convert("RGB")])
-    rows, targets = token_targets(model, processor, feats["pixel_values"], feats["image_sizes"],
+    rows, targets, centres = token_targets(model, processor, feats["pixel_values"], feats["image_sizes"],
                                   np.asarray(list(PALETTE.values()), dtype=np.float32) / 255)
     n_tokens = model.model.vision_embed_tokens.image_features(feats["pixel_values"], feats["image_sizes"])[0].shape[0]
     g = model.model.vision_embed_tokens.grid // 2
-    assert len(rows[0]) == targets[0].shape[0] == 2 * g * g and max(rows[0]) < n_tokens
+    assert len(rows[0]) == targets[0].shape[0] == centres[0].shape[0] == 2 * g * g and max(rows[0]) < n_tokens
+    # one crop: the sub grid and the global grid both tile the image g x g, row-major, centres in [0, 1]
+    cell = (torch.arange(g) + 0.5) / g
+    grid = torch.stack([cell.repeat(g), cell.repeat_interleave(g)], -1)
+    assert torch.allclose(centres[0], torch.cat([grid, grid]))
     lm_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_embed_tokens" not in k}
     torch.manual_seed(0)
     s = align_vision(model, processor, paths, steps=30, batch_size=4, lr=5e-3, log_every=0)
@@ -55,3 +59,30 @@ def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in lm_before.items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_position_objective_trains_a_readout_of_token_places(tmp_path):
+    """position_weight > 0: the loss includes a (discarded) linear read-out of each token's (x, y); it goes down."""
+    from PIL import Image
+
+    from phi3v_spatial.data.synth import make_scene
+    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_spatial.model.tiny import save_random_checkpoint
+    from phi3v_spatial.train.tokenizer_training import train_tokenizer
+
+    tok_dir = train_tokenizer([f"a {c} object" for c in PALETTE] * 8, str(tmp_path / "tok"), vocab_size=300)
+    d = save_random_checkpoint(str(tmp_path / "tiny"), tok_dir, seed=0, num_crops=1)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.png"
+        Image.fromarray(make_scene(i).images[0][0]).save(p)
+        paths.append(str(p))
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
+    torch.manual_seed(0)
+    plain = align_vision(model, processor, paths, steps=1, batch_size=3, lr=0.0, log_every=0)
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    s = align_vision(model, processor, paths, steps=40, batch_size=3, lr=5e-3, log_every=0, position_weight=1.0)
+    assert s["first_loss"] > plain["first_loss"]          # the position term is part of the loss
+    assert s["final_loss"] < s["first_loss"]

@@ -91,6 +91,7 @@ class Recipe:
     align_steps: int = 0
     align_batch: int = 32
     align_lr: float = 2e-3
+    align_position_weight: float = 0.0  # > 0: tokens also keep their (x, y) place linearly readable (train.align)
     # d. pretraining
     base_steps: int = 800
     base_batch: int = 32
@@ -199,7 +200,7 @@ def make_base_checkpoint(out: str, tokenizer_dir: str, r: Recipe, align_images: 
 
         processor = Phi3VProcessor.from_pretrained(out, num_crops=r.num_crops)
         s = align_vision(model, processor, align_images, r.align_steps, batch_size=r.align_batch, lr=r.align_lr,
-                         seed=r.init_seed)
+                         seed=r.init_seed, position_weight=r.align_position_weight)
         _log(f"colour alignment: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({s['seconds']:.0f}s)")
     for f in os.listdir(out):
         if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
