@@ -145,3 +145,30 @@ def test_multi_turn_packing_learns_every_answer_and_keeps_the_first_prompt(tmp_p
     # a record alone on its image stays a single turn; turns=1 is the plain collator
     assert collator.encode(other, root).input_ids == encode_record(processor, other, root).input_ids
     assert SpatialCollator(processor).encode(records[1], root).input_ids == first.input_ids
+
+
+def test_multi_turn_chat_never_asks_about_the_same_object_pair_twice(tmp_path):
+    """'Is A left of B?' answered earlier in the chat would give away 'Is B left of A?' (no image needed)."""
+    from phi3v_spatial.model import Phi3VProcessor
+    from phi3v_spatial.train.tokenizer_training import train_tokenizer
+
+    img = _images(tmp_path, 1)
+    qs = [("red cube", "left of", "blue sphere", "yes"), ("blue sphere", "left of", "red cube", "no"),
+          ("red cube", "right of", "blue sphere", "no"), ("green cone", "above", "red cube", "yes"),
+          ("green cone", "right of", "blue sphere", "yes")]
+    records = [SpatialRecord(id=f"q{i}", images=img, question=prompts.relation_question(s, rel, o), answer=a,
+                             type="yesno", relation=rel, subj=s, obj=o) for i, (s, rel, o, a) in enumerate(qs)]
+    texts = [prompts.chat_prompt(r.question, 1) + prompts.answer_target(r.answer) for r in records] * 4
+    processor = Phi3VProcessor.from_pretrained(_tiny_dir(tmp_path, train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=320)),
+                                               num_crops=1)
+    tok, root = processor.tokenizer, str(tmp_path)
+    collator = SpatialCollator(processor, turns=5, items=[(r, root) for r in records])
+
+    def asked(sample):
+        text = tok.decode([i for i in sample.input_ids if i >= 0])
+        return [r.id for r in records if r.question in text]
+
+    # q0 is about {red cube, blue sphere}: q1 and q2 (same pair) are skipped, the other pairs follow in file order
+    assert asked(collator.encode(records[0], root)) == ["q0", "q3", "q4"]
+    assert asked(collator.encode(records[2], root)) == ["q2", "q3", "q4"]
+    assert asked(collator.encode(records[3], root)) == ["q0", "q3", "q4"]

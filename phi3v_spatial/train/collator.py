@@ -145,12 +145,21 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
     return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes)
 
 
+def _pair_key(record: SpatialRecord):
+    """The unordered object pair a relation question is about (None for other questions)."""
+    if record.subj and record.obj:
+        return frozenset((record.subj, record.obj))
+    return None
+
+
 class SpatialCollator:
     """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``.
 
     ``turns > 1`` (training only): each drawn record is followed, in the same chat, by up to ``turns - 1``
     other records about the same images (from ``items``, the full training list), chosen deterministically
-    (the next ones in file order, wrapping around), so resumed runs see identical batches."""
+    (the next ones in file order, wrapping around), so resumed runs see identical batches. A chat never holds
+    two relation questions about the same pair of objects: "Is A left of B?" answered earlier in the text gives
+    away "Is B left of A?", and the model would learn to read the chat instead of the image."""
 
     def __init__(self, processor, turns: int = 1, items: Sequence[tuple[SpatialRecord, str]] | None = None):
         self.processor = processor
@@ -171,8 +180,16 @@ class SpatialCollator:
         key = (root, tuple(record.images))
         group = self._groups.get(key, [record])
         i = self._index.get((key, record.id), 0)
-        others = [g for g in group[i + 1:] + group[:i] if g is not record][: self.turns - 1]
-        return encode_conversation(self.processor, [record] + others, root)
+        chat, pairs = [record], {_pair_key(record)}
+        for g in group[i + 1:] + group[:i]:
+            if len(chat) == self.turns:
+                break
+            key = _pair_key(g)
+            if g is record or (key is not None and key in pairs):
+                continue
+            chat.append(g)
+            pairs.add(key)
+        return encode_conversation(self.processor, chat, root)
 
     def __call__(self, items: Sequence[tuple[SpatialRecord, str]]) -> dict:
         return collate([self.encode(r, root) for r, root in items], self.pad_id)

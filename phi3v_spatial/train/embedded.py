@@ -33,6 +33,15 @@ column 35% after 600 steps, 46% after 1300 (majority 28%); relations after that,
 So the remaining gap is reading *where* a named object is, then comparing two of them -- a longer curriculum
 (presence -> locate -> relations) than one 45-minute single-thread CPU build allows at this model size so far.
 Earlier (expC): modules_to_save for the vision tower, 2-3 objects, left/right only, longer bases: all at chance.
+Later (runs/rel, 1 thread each): the colour alignment washed position out of the image tokens (a linear probe
+finds a token's column of 4 in 59%); ``align_position_weight`` keeps it (95%), and from that base a one-object
+"Is the red cone on the left side of the image?" reaches 71% held out in 600 steps -- but left/right between two
+named objects still sits at chance after 1200-2500 full steps on 33k questions (12k scenes), also after that
+side task. The binding of subject and object is the wall, not the image: a text-only version ("red 6 purple 2
+Is the red cube left of the purple sphere?") stays at chance for a plain 4x128 Phi-3 LM after 3750 steps x 32
+fresh examples (lr 3e-4 and 1e-3), and a fixed set of 8.8k such texts is memorised, not solved. Packing all four
+phrasings of a pair into one chat is a trap: later answers follow from earlier ones in the text (loss falls,
+held-out stays at chance), so relation chats must hold one question per object pair.
 """
 from __future__ import annotations
 
