@@ -37,11 +37,15 @@ Later (runs/rel, 1 thread each): the colour alignment washed position out of the
 finds a token's column of 4 in 59%); ``align_position_weight`` keeps it (95%), and from that base a one-object
 "Is the red cone on the left side of the image?" reaches 71% held out in 600 steps -- but left/right between two
 named objects still sits at chance after 1200-2500 full steps on 33k questions (12k scenes), also after that
-side task. The binding of subject and object is the wall, not the image: a text-only version ("red 6 purple 2
-Is the red cube left of the purple sphere?") stays at chance for a plain 4x128 Phi-3 LM after 3750 steps x 32
-fresh examples (lr 3e-4 and 1e-3), and a fixed set of 8.8k such texts is memorised, not solved. Packing all four
-phrasings of a pair into one chat is a trap: later answers follow from earlier ones in the text (loss falls,
-held-out stays at chance), so relation chats must hold one question per object pair.
+side task. Where the wall is, from a text-only version in a bare loop (plain 4x128 Phi-3 LM, fresh examples like
+"red 6 purple 2 Is the red cube left of the purple sphere?", 32 per step, lr 1e-3): answering from the subject's
+colour alone learns in < 1000 steps, from the subject's number alone (one retrieval, ">= 5?") in ~1500, but from
+comparing the subject's and the object's numbers (two retrievals, even ignoring the relation word) it stays at
+chance after 3000 (the full task: 3750 steps; 3250 with 6 layers; 4000 with the 0.02 init). So the model finds one
+named object and reads its place, but does not learn to combine two such reads within these budgets; a fixed
+set of 8.8k such texts is memorised instead. Packing all four phrasings of a pair into one chat is a trap: later
+answers follow from earlier ones in the text (loss falls, held-out stays at chance), so the collator now packs
+one question per object pair.
 """
 from __future__ import annotations
 
