@@ -21,12 +21,12 @@ def test_cell_colour_shares_find_palette_colours_under_shading():
     assert s[0, 1, -1] == 1.0 and s[0, 2, -1] == 1.0
 
 
-def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
+def _checkpoint_and_scenes(tmp_path, n: int) -> tuple[str, list[str]]:
+    """A random tiny checkpoint with a tokenizer that knows the colour words, and ``n`` rendered scenes as PNGs."""
     from PIL import Image
 
     from phi3v_spatial.data.synth import make_scene
     from phi3v_spatial.engine import prompts
-    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
     from phi3v_spatial.model.tiny import save_random_checkpoint
     from phi3v_spatial.train.tokenizer_training import load_fast_tokenizer, train_tokenizer
 
@@ -36,10 +36,19 @@ def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
     pad = load_fast_tokenizer(tok_dir).pad_token_id
     d = save_random_checkpoint(str(tmp_path / "tiny"), tok_dir, seed=0, num_crops=1, pad_token_id=pad)
     paths = []
-    for i in range(4):
+    for i in range(n):
         p = tmp_path / f"s{i}.png"
         Image.fromarray(make_scene(i).images[0][0]).save(p)
         paths.append(str(p))
+    return d, paths
+
+
+def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
+    from PIL import Image
+
+    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
+
+    d, paths = _checkpoint_and_scenes(tmp_path, 4)
     model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
     processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
     feats = processor.image_processor([Image.open(paths[0]).convert("RGB")])
@@ -54,7 +63,9 @@ def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
     assert torch.allclose(centres[0], torch.cat([grid, grid]))
     lm_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_embed_tokens" not in k}
     torch.manual_seed(0)
+    rng_before = torch.get_rng_state()
     s = align_vision(model, processor, paths, steps=30, batch_size=4, lr=5e-3, log_every=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # no position read-out drawn: later stages see the same RNG
     assert s["final_loss"] < s["first_loss"]
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in lm_before.items())
@@ -63,20 +74,9 @@ def test_align_vision_lowers_the_loss_and_only_moves_the_vision_side(tmp_path):
 
 def test_position_objective_trains_a_readout_of_token_places(tmp_path):
     """position_weight > 0: the loss includes a (discarded) linear read-out of each token's (x, y); it goes down."""
-    from PIL import Image
-
-    from phi3v_spatial.data.synth import make_scene
     from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
-    from phi3v_spatial.model.tiny import save_random_checkpoint
-    from phi3v_spatial.train.tokenizer_training import train_tokenizer
 
-    tok_dir = train_tokenizer([f"a {c} object" for c in PALETTE] * 8, str(tmp_path / "tok"), vocab_size=300)
-    d = save_random_checkpoint(str(tmp_path / "tiny"), tok_dir, seed=0, num_crops=1)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"s{i}.png"
-        Image.fromarray(make_scene(i).images[0][0]).save(p)
-        paths.append(str(p))
+    d, paths = _checkpoint_and_scenes(tmp_path, 3)
     model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
     processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
     torch.manual_seed(0)

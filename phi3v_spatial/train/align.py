@@ -99,8 +99,9 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     for p in params:
         p.requires_grad_(True)
     scale = torch.nn.Parameter(torch.tensor(4.0))
-    readout = torch.nn.Linear(model.config.hidden_size, 2)
-    extra = [scale] + (list(readout.parameters()) if position_weight > 0 else [])
+    # created only when used: building it draws from the global torch RNG, and the default path stays as it was
+    readout = torch.nn.Linear(model.config.hidden_size, 2) if position_weight > 0 else None
+    extra = [scale] + (list(readout.parameters()) if readout is not None else [])
     opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}, {"params": extra, "weight_decay": 0.0}], lr=lr)
     emb = model.model.embed_tokens.weight.detach()[word_ids]
     emb = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
@@ -127,7 +128,7 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
         obj = y[:, -1] < 0.5
         acc = float((logits.argmax(-1) == y.argmax(-1))[obj].float().mean()) if bool(obj.any()) else float("nan")
         loss = (nll * wgt).sum() / wgt.sum()
-        if position_weight > 0:
+        if readout is not None:
             xy = torch.cat(centres, 0).to(f.dtype)
             loss = loss + position_weight * (readout(fn) - xy).pow(2).mean() * 12.0  # 12: a uniform coordinate's variance is 1/12
         return loss, acc
