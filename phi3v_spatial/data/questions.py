@@ -18,12 +18,13 @@ import numpy as np
 from ..engine import prompts
 from .records import RECORD_TYPES, SpatialRecord
 from .scene import (
-    CONVERSE, DEPTH_MARGIN_M, LATERAL_MARGIN_M, RELATIONS, SynthScene, camera_distance, distance, relation_holds,
+    CONVERSE, DEPTH_MARGIN_M, LATERAL_MARGIN_M, PALETTE, RELATIONS, SynthScene, camera_distance, distance,
+    relation_holds,
 )
 from .vsr import VSR_META_CATEGORIES
 
 KINDS = RECORD_TYPES
-# "presence" is opt-in (base pretraining of the embedded model), so default datasets are unchanged.
+# "presence" and "locate" are opt-in (base pretraining of the embedded model), so default datasets are unchanged.
 DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate"))
 # Records per scene (per camera for the single-image kinds); presence asks about every palette colour.
 DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "plan": 1, "describe": 1, "count": 1,
@@ -329,8 +330,6 @@ def plan_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int
 def presence_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
     """"Is there a red object?" for ``n`` palette colours (all six by default, in a random order): colour
     grounding without any layout, for base pretraining (the answer never depends on where things are)."""
-    from .scene import PALETTE
-
     present = {o.colour for o in scene.objects}
     colours = [list(PALETTE)[int(i)] for i in rng.permutation(len(PALETTE))][: max(0, n)]
     return [SpatialRecord(**_ctx(scene, camera, image, "presence", j), question=PRESENCE_QUESTION.format(colour=_article(c)),
