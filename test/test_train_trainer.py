@@ -127,3 +127,37 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(set
     train(_cfg(setup, other, save_every=3, lora_dropout=0.1, seed=1))
     c = load_file(str(other / "adapter_model.safetensors"))
     assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_init_adapter_continues_an_adapter_from_its_weights_and_config(setup, tmp_path):
+    """A second phase (--init-adapter) starts exactly where the first adapter ended -- its config (rank 8) wins
+    over the new run's rank -- keeps learning, and saves an adapter the node loads."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "phase1"
+    train(_cfg(setup, first, steps=4))
+    start = {}
+
+    def record_start(step, loss):
+        if step == 1:
+            start["loss"] = loss
+
+    second = tmp_path / "phase2"
+    summary = train(_cfg(setup, second, steps=6, lora_r=32, init_adapter=str(first), warmup_steps=0, lr=3e-3),
+                    on_step=record_start)
+    assert json.load(open(second / "adapter_config.json"))["r"] == 8
+    w1, w2 = load_file(str(first / "adapter_model.safetensors")), load_file(str(second / "adapter_model.safetensors"))
+    assert set(w1) == set(w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
+    # the continued run's first step is scored by the phase-1 adapter, not a fresh (identity) one
+    phase1_loss, _ = _mean_loss(setup["base"], setup["data"], adapter=str(first))
+    fresh_loss, _ = _mean_loss(setup["base"], setup["data"])
+    assert abs(start["loss"] - phase1_loss) < abs(start["loss"] - fresh_loss)
+    loss2, _ = _mean_loss(setup["base"], setup["data"], adapter=str(second))
+    assert loss2 < phase1_loss and summary["steps"] == 6
+
+
+def test_init_adapter_errors_are_clear(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        train(_cfg(setup, tmp_path / "x", init_adapter=str(tmp_path)))
+    with pytest.raises(ValueError, match="cannot be combined with --full"):
+        train(_cfg(setup, tmp_path / "y", full=True, init_adapter=str(tmp_path)))

@@ -38,6 +38,7 @@ class TrainConfig:
     targets: list[str] | None = None
     vision_lora: bool = False
     modules_to_save: list[str] | None = None   # PEFT modules_to_save: fully trained copies inside the adapter
+    init_adapter: str | None = None  # continue training this PEFT adapter (its own LoRA config) instead of a new one
     # optimisation (CookBook: lr 4e-5, wd 0.01, betas (0.9, 0.95), eps 1e-7, warmup 50, batch 16 via accumulation)
     steps: int | None = None
     epochs: float = 1.0
@@ -151,6 +152,17 @@ def wrap_lora(model, cfg: TrainConfig):
                        targets=lora_targets(cfg), include_vision=False, init_lora_weights="gaussian",
                        modules_to_save=cfg.modules_to_save)
     return get_peft_model(model, lcfg)
+
+
+def continue_lora(model, adapter_dir: str):
+    """An existing adapter, trainable again: a curriculum's next phase, or more steps on new data. Its saved
+    LoRA config (rank, targets, modules_to_save) wins over the command line's."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise FileNotFoundError(f"--init-adapter {adapter_dir!r}: no adapter_config.json there (a PEFT adapter folder "
+                                "written by `phi3v-spatial train` is expected)")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
 
 
 def trainable_state(model) -> dict:
@@ -314,6 +326,8 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    if cfg.full and cfg.init_adapter:
+        raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
     sources = sources if sources is not None else load_sources(cfg.data)
     items = [s[0] for s in sources]
     sampler = ResumableMixture([len(i) for i in items], [s[1] for s in sources], cfg.seed)
@@ -324,6 +338,8 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     if cfg.full:
         for p in model.parameters():
             p.requires_grad_(True)
+    elif cfg.init_adapter:
+        model = continue_lora(model, cfg.init_adapter)
     else:
         model = wrap_lora(model, cfg)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module names to adapt (default: the model's DEFAULT_LORA_TARGETS: qkv_proj o_proj gate_up_proj down_proj ...)")
     g.add_argument("--vision-lora", action="store_true",
                    help="also adapt the vision tower (q/k/v/out_proj, fc1, fc2) and the projector (img_projection.0/.2)")
+    g.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="continue training this adapter (keeps its rank/targets) instead of starting a new one")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
@@ -50,7 +52,7 @@ def config_from_args(args):
     return TrainConfig(
         base=args.base, data=list(args.data), out=args.out, full=args.full,
         lora_r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, targets=args.targets,
-        vision_lora=args.vision_lora, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        vision_lora=args.vision_lora, init_adapter=args.init_adapter, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         max_grad_norm=args.max_grad_norm, save_every=args.save_every, keep_checkpoints=args.keep,
         resume=args.resume, seed=args.seed, device=args.device, dtype=args.dtype, num_crops=args.num_crops,
