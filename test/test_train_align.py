@@ -1,5 +1,6 @@
 """Colour alignment of the vision tower (train.align): pixel-derived token targets and a loss that goes down."""
 import numpy as np
+import pytest
 import torch
 
 from phi3v_spatial.data.scene import PALETTE
@@ -86,3 +87,32 @@ def test_position_objective_trains_a_readout_of_token_places(tmp_path):
     s = align_vision(model, processor, paths, steps=40, batch_size=3, lr=5e-3, log_every=0, position_weight=1.0)
     assert s["first_loss"] > plain["first_loss"]          # the position term is part of the loss
     assert s["final_loss"] < s["first_loss"]
+
+
+def test_align_ends_with_image_tokens_at_the_word_embeddings_scale(tmp_path):
+    """The objectives ignore scale; the stage rescales the projector so image tokens have the word embeddings'
+    RMS, and nothing but the projector's last layer changes in that step (``match_text_scale=False`` skips it)."""
+    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_spatial.train.align import image_token_rms, word_embedding_rms
+
+    d, paths = _checkpoint_and_scenes(tmp_path, 3)
+    processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    with torch.no_grad():   # the drift the stage corrects, made large so the check cannot pass by accident
+        model.model.vision_embed_tokens.img_projection[-1].weight.mul_(7.0)
+        model.model.vision_embed_tokens.img_projection[-1].bias.mul_(7.0)
+    raw = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    raw.load_state_dict(model.state_dict())
+    s = align_vision(model, processor, paths, steps=2, batch_size=3, lr=0.0, log_every=0)
+    kept = align_vision(raw, processor, paths, steps=2, batch_size=3, lr=0.0, log_every=0, match_text_scale=False)
+    target = word_embedding_rms(model)
+    assert "token_rms_before" not in kept
+    assert abs(image_token_rms(raw, processor, paths) - target) > 0.5 * target
+    assert s["word_embedding_rms"] == pytest.approx(target)
+    assert s["token_rms_after"] == pytest.approx(target, rel=1e-4)      # on the images it measured
+    # every token is scaled by one factor (weight and bias of the last linear layer), on any image
+    ratio = image_token_rms(model, processor, paths) / image_token_rms(raw, processor, paths)
+    assert ratio == pytest.approx(target / s["token_rms_before"], rel=1e-4)
+    assert image_token_rms(model, processor, paths) == pytest.approx(target, rel=0.3)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, raw.state_dict()[k])]
+    assert changed and all(k.startswith("model.vision_embed_tokens.img_projection.2.") for k in changed)
