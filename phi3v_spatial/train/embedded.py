@@ -56,6 +56,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..data.questions import CANONICAL_RELATIONS
 from ..data.records import read_jsonl, write_jsonl
 from ..engine import prompts
 from ..paths import EMBEDDED_ADAPTER_NAME, EMBEDDED_MODEL_NAME
@@ -117,6 +118,10 @@ class Recipe:
     lora_lr: float = 2e-3
     lora_warmup: int = 50
     lora_turns: int = 1
+    # > 0: the adapter first trains this many steps on one direction of each relation pair only (left of, above,
+    # in front of, closer, bigger: ``data.questions.CANONICAL_RELATIONS``), then ``lora_steps`` more on all, from
+    # there. Both directions at once are an XOR of word and geometry that never leaves chance (questions.py).
+    lora_canonical_steps: int = 0
     lora_r: int = 16
     lora_alpha: float = 32
     lora_vision: bool = True
@@ -153,6 +158,10 @@ def make_data(work: str, r: Recipe) -> dict:
             p = os.path.join(d, f"{name}.jsonl")
             out[split][name] = p
             out[split][f"n_{name}"] = write_jsonl(p, (x for x in recs if x.type in types))
+        p = os.path.join(d, "spatial_canonical.jsonl")
+        out[split]["spatial_canonical"] = p
+        out[split]["n_spatial_canonical"] = write_jsonl(
+            p, (x for x in recs if x.type in ADAPTER_TYPES and x.relation in CANONICAL_RELATIONS))
     return out
 
 
@@ -214,7 +223,9 @@ def make_base_checkpoint(out: str, tokenizer_dir: str, r: Recipe, align_images: 
         processor = Phi3VProcessor.from_pretrained(out, num_crops=r.num_crops)
         s = align_vision(model, processor, align_images, r.align_steps, batch_size=r.align_batch, lr=r.align_lr,
                          seed=r.init_seed, position_weight=r.align_position_weight)
-        _log(f"colour alignment: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({s['seconds']:.0f}s)")
+        scale = (f", image-token RMS {s['token_rms_before']:.3f} -> {s['token_rms_after']:.3f} (words)"
+                 if "token_rms_after" in s else "")
+        _log(f"colour alignment: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}{scale} ({s['seconds']:.0f}s)")
     for f in os.listdir(out):
         if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
             os.remove(os.path.join(out, f))
@@ -355,16 +366,23 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
     if "e" in stages:
         t = time.time()
         shutil.rmtree(lora_dir, ignore_errors=True)
-        s = train(TrainConfig(base=base_dir, data=[data["train"]["spatial"]], out=lora_dir, full=False,
-                              steps=r.lora_steps, batch_size=r.lora_batch, grad_accum=1, lr=r.lora_lr,
-                              warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
-                              vision_lora=r.lora_vision and not r.lora_modules_to_save,
-                              modules_to_save=list(r.lora_modules_to_save) or None,
-                              targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
-                              weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10,
-                              turns=r.lora_turns))
+        canonical_dir = lora_dir + "_canonical"
+        shutil.rmtree(canonical_dir, ignore_errors=True)
+        phases = [(data["train"]["spatial"], lora_dir, r.lora_steps, canonical_dir if r.lora_canonical_steps > 0 else None)]
+        if r.lora_canonical_steps > 0:
+            phases.insert(0, (data["train"]["spatial_canonical"], canonical_dir, r.lora_canonical_steps, None))
+        for records, out_dir, steps, init in phases:
+            s = train(TrainConfig(base=base_dir, data=[records], out=out_dir, full=False, init_adapter=init,
+                                  steps=steps, batch_size=r.lora_batch, grad_accum=1, lr=r.lora_lr,
+                                  warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
+                                  vision_lora=r.lora_vision and not r.lora_modules_to_save,
+                                  modules_to_save=list(r.lora_modules_to_save) or None,
+                                  targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
+                                  weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10,
+                                  turns=r.lora_turns))
+            _log(f"lora ({os.path.basename(out_dir)}): loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
         times["e_lora"] = time.time() - t
-        _log(f"lora: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({times['e_lora']:.0f}s)")
+        _log(f"lora: {times['e_lora']:.0f}s")
     reports = {}
     if "f" in stages:
         t = time.time()

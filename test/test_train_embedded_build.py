@@ -1,0 +1,34 @@
+"""The embedded-model recipe end to end at toy size: the canonical-first adapter curriculum and the scale fix."""
+import json
+import os
+
+import torch
+
+from phi3v_spatial.data.questions import CANONICAL_RELATIONS
+from phi3v_spatial.data.records import read_jsonl
+from phi3v_spatial.train.embedded import Recipe, build
+
+
+def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_relations(tmp_path):
+    from safetensors.torch import load_file
+
+    r = Recipe(train_scenes=8, eval_scenes=2, image_size=(64, 48), vocab_size=400, hidden=32, layers=1, heads=2,
+               intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
+               init_gain=1.0, align_steps=2, align_batch=4, base_steps=2, base_batch=4, lora_steps=3, lora_batch=4,
+               lora_canonical_steps=2, lora_r=4, lora_alpha=8, base_types=("describe", "count", "presence"))
+    work = str(tmp_path / "work")
+    build("", work, r, stages="abcde")
+    index = json.load(open(os.path.join(work, "data", "index.json")))
+    canonical = list(read_jsonl(index["train"]["spatial_canonical"]))
+    spatial = list(read_jsonl(index["train"]["spatial"]))
+    assert canonical and all(x.relation in CANONICAL_RELATIONS for x in canonical)
+    assert len(canonical) < len(spatial) and {x.id for x in canonical} <= {x.id for x in spatial}
+    assert any(x.relation not in CANONICAL_RELATIONS for x in spatial)
+
+    phase1, final = os.path.join(work, "lora_canonical"), os.path.join(work, "lora")
+    assert json.load(open(os.path.join(phase1, "training_args.json")))["total_steps"] == 2
+    args = json.load(open(os.path.join(final, "training_args.json")))
+    assert args["init_adapter"] == phase1 and args["total_steps"] == 3
+    w1 = load_file(os.path.join(phase1, "adapter_model.safetensors"))
+    w2 = load_file(os.path.join(final, "adapter_model.safetensors"))
+    assert set(w1) == set(w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
