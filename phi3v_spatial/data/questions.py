@@ -105,8 +105,9 @@ def _pair(rng: np.random.Generator, names: list[str]) -> tuple[str, str]:
 # relations (above/below need a floating object) are not drowned by the common ones.
 _GROUPS = ("left of", "above", "in front of", "closer to the camera than", "bigger than")
 # One direction of each relation pair. With both directions asked equally, the answer is (direction word) XOR
-# (geometry): neither alone says anything about it, and a model trained from scratch sits at chance (measured on
-# a toy version: left-only learns in 750 steps, left+right only leaves chance after 2750). Training on these first breaks the tie.
+# (geometry): neither alone says anything about it, and a model trained from scratch sits at chance for long
+# (toy version: left-only learns in 750 steps, left+right leaves chance after 2750). Training on these first
+# breaks the tie (the embedded recipe's ``lora_canonical_steps``).
 CANONICAL_RELATIONS = frozenset(_GROUPS)
 
 

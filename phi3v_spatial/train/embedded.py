@@ -130,7 +130,7 @@ class Recipe:
     lora_turns: int = 1
     # > 0: the adapter first trains this many steps on one direction of each relation pair only (left of, above,
     # in front of, closer, bigger: ``data.questions.CANONICAL_RELATIONS``), then ``lora_steps`` more on all, from
-    # there. Both directions at once are an XOR of word and geometry that never leaves chance (questions.py).
+    # there. Both directions at once are an XOR of word and geometry that training is slow to start on (questions.py).
     lora_canonical_steps: int = 0
     lora_r: int = 16
     lora_alpha: float = 32
