@@ -15,7 +15,8 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
     r = Recipe(train_scenes=8, eval_scenes=2, image_size=(64, 48), vocab_size=400, hidden=32, layers=1, heads=2,
                intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
                init_gain=1.0, align_steps=2, align_batch=4, base_steps=2, base_batch=4, lora_steps=3, lora_batch=4,
-               lora_canonical_steps=2, lora_r=4, lora_alpha=8, base_types=("describe", "count", "presence"))
+               lora_canonical_steps=2, lora_canonical_mix=0.5, lora_second_lr=1e-3, lora_r=4, lora_alpha=8,
+               base_types=("describe", "count", "presence"))
     work = str(tmp_path / "work")
     build("", work, r, stages="abcde")
     index = json.load(open(os.path.join(work, "data", "index.json")))
@@ -28,7 +29,10 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
     phase1, final = os.path.join(work, "lora_canonical"), os.path.join(work, "lora")
     assert json.load(open(os.path.join(phase1, "training_args.json")))["total_steps"] == 2
     args = json.load(open(os.path.join(final, "training_args.json")))
-    assert args["init_adapter"] == phase1 and args["total_steps"] == 3
+    assert args["init_adapter"] == phase1 and args["total_steps"] == 3 and args["lr"] == 1e-3
+    # second phase: the full set, with the canonical records mixed back in at the recipe's weight
+    assert sorted((x["weight"], x["records"]) for x in args["sources"]) == [(0.5, len(canonical)), (1.0, len(spatial))]
+    assert json.load(open(os.path.join(phase1, "training_args.json")))["lr"] == r.lora_lr
     w1 = load_file(os.path.join(phase1, "adapter_model.safetensors"))
     w2 = load_file(os.path.join(final, "adapter_model.safetensors"))
     assert set(w1) == set(w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)

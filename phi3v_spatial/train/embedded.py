@@ -132,6 +132,11 @@ class Recipe:
     # in front of, closer, bigger: ``data.questions.CANONICAL_RELATIONS``), then ``lora_steps`` more on all, from
     # there. Both directions at once are an XOR of word and geometry that training is slow to start on (questions.py).
     lora_canonical_steps: int = 0
+    # The second phase (after a canonical one): the canonical records mixed back in at this weight against the
+    # full set (0 = the full set alone; 1 = as often as it), and its own peak learning rate (None = lora_lr). Going
+    # straight to the full set at lora_lr made the adapter forget the canonical phase (held-out back to chance).
+    lora_canonical_mix: float = 0.0
+    lora_second_lr: float | None = None
     lora_r: int = 16
     lora_alpha: float = 32
     lora_vision: bool = True
@@ -378,19 +383,9 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
         shutil.rmtree(lora_dir, ignore_errors=True)
         canonical_dir = lora_dir + "_canonical"
         shutil.rmtree(canonical_dir, ignore_errors=True)
-        phases = [(data["train"]["spatial"], lora_dir, r.lora_steps, canonical_dir if r.lora_canonical_steps > 0 else None)]
-        if r.lora_canonical_steps > 0:
-            phases.insert(0, (data["train"]["spatial_canonical"], canonical_dir, r.lora_canonical_steps, None))
-        for records, out_dir, steps, init in phases:
-            s = train(TrainConfig(base=base_dir, data=[records], out=out_dir, full=False, init_adapter=init,
-                                  steps=steps, batch_size=r.lora_batch, grad_accum=1, lr=r.lora_lr,
-                                  warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
-                                  vision_lora=r.lora_vision and not r.lora_modules_to_save,
-                                  modules_to_save=list(r.lora_modules_to_save) or None,
-                                  targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
-                                  weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10,
-                                  turns=r.lora_turns))
-            _log(f"lora ({os.path.basename(out_dir)}): loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
+        for cfg in adapter_phases(r, data, base_dir, lora_dir):
+            s = train(cfg)
+            _log(f"lora ({os.path.basename(cfg.out)}): loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
         times["e_lora"] = time.time() - t
         _log(f"lora: {times['e_lora']:.0f}s")
     reports = {}
@@ -417,6 +412,31 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
     if "f" in stages and out_models:
         publish(out_models, work, base_dir, lora_dir, summary)
     return summary
+
+
+def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
+    """Stage e's training runs: [canonical phase,] then the phase that writes ``lora_dir`` (continuing the first)."""
+    from .trainer import TrainConfig
+
+    def phase(specs, out_dir, steps, lr, init):
+        return TrainConfig(base=base_dir, data=specs, out=out_dir, full=False, init_adapter=init,
+                           steps=steps, batch_size=r.lora_batch, grad_accum=1, lr=lr,
+                           warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
+                           vision_lora=r.lora_vision and not r.lora_modules_to_save,
+                           modules_to_save=list(r.lora_modules_to_save) or None,
+                           targets=(_default_targets() + list(r.lora_extra_targets)) if r.lora_extra_targets else None,
+                           weight_decay=0.0, seed=r.seed, device="cpu", num_crops=r.num_crops, log_every=10,
+                           turns=r.lora_turns)
+
+    if r.lora_canonical_steps <= 0:
+        return [phase([data["train"]["spatial"]], lora_dir, r.lora_steps, r.lora_lr, None)]
+    canonical_dir = lora_dir + "_canonical"
+    second = [data["train"]["spatial"]]
+    if r.lora_canonical_mix > 0:
+        second = [f"{data['train']['spatial']}:1", f"{data['train']['spatial_canonical']}:{r.lora_canonical_mix:g}"]
+    return [phase([data["train"]["spatial_canonical"]], canonical_dir, r.lora_canonical_steps, r.lora_lr, None),
+            phase(second, lora_dir, r.lora_steps,
+                  r.lora_second_lr if r.lora_second_lr is not None else r.lora_lr, canonical_dir)]
 
 
 def _default_targets() -> list[str]:
@@ -469,6 +489,14 @@ def target_status(summary: dict) -> str:
     return f"**Targets {'met' if ok else 'NOT met'}** with the adapter: " + ", ".join(parts) + "."
 
 
+_BASE_TASK_WORDS = {"describe": "object listing", "count": "counting", "presence": "colour presence",
+                    "locate": "object locating"}
+
+
+def _base_task_words(kinds) -> str:
+    return " + ".join(_BASE_TASK_WORDS.get(k, k) for k in kinds)
+
+
 def eval_markdown(summary: dict) -> str:
     """The human-readable evaluation page committed next to the model."""
     rep = summary["reports"]
@@ -477,8 +505,10 @@ def eval_markdown(summary: dict) -> str:
     lines = [
         "# Embedded model: held-out evaluation",
         "",
-        f"`{EMBEDDED_MODEL_NAME}` (base, pretrained from scratch on object listing + counting only) and "
-        f"`{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}` (LoRA trained on relation yes/no + choice questions), "
+        f"`{EMBEDDED_MODEL_NAME}` (base, pretrained from scratch only on {_base_task_words(r.get('base_types', BASE_TYPES))}) and "
+        f"`{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}` (LoRA trained on relation yes/no + choice questions"
+        + (f"; one direction of each relation first, {r['lora_canonical_steps']} steps, then all, {r['lora_steps']} steps"
+           if r.get("lora_canonical_steps") else "") + "), "
         f"evaluated on {r['eval_scenes']} held-out synthetic scenes (seed {r['eval_seed']}; training seed {r['train_seed']}).",
         "yes/no: P(yes) vs P(no) of the first answer token; choice: highest answer likelihood; describe/count: greedy exact match.",
         "",
