@@ -48,8 +48,8 @@ named object and reads its place, but does not learn to combine two such reads w
 set of 8.8k such texts is memorised instead. Packing all four phrasings of a pair into one chat is a trap: later
 answers follow from earlier ones in the text (loss falls, held-out stays at chance), so the collator now packs
 one question per object pair.
-Later still (runs/two, 1 thread each), two blockers found and fixed, now in the defaults: (1) the alignment left image tokens
-at ~5x the word embeddings' RMS, and the LM could not compute on them (``train.align`` now rescales; full
+Later still (runs/two, 1 thread each), two blockers found and fixed, now in the defaults: (1) the alignment left
+image tokens at ~5x the word embeddings' RMS, and the LM could not compute on them (``train.align`` now rescales; full
 fine-tuning on "Is A left of B?" went from 54% after 1500 steps to 86% after 2000); (2) with both directions of a
 relation asked equally the answer is an XOR of direction word and geometry, which gradient descent does not
 start on (toy LM: left-only 100% in 750 steps, left+right at chance until 2750). Left-only first, then both
@@ -385,10 +385,8 @@ def build(out_models: str, work: str, r: Recipe | None = None, stages: str = "ab
         _log(f"pretrain: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} ({times['d_pretrain']:.0f}s)")
     if "e" in stages:
         t = time.time()
-        shutil.rmtree(lora_dir, ignore_errors=True)
-        canonical_dir = lora_dir + "_canonical"
-        shutil.rmtree(canonical_dir, ignore_errors=True)
         for cfg in adapter_phases(r, data, base_dir, lora_dir):
+            shutil.rmtree(cfg.out, ignore_errors=True)
             s = train(cfg)
             _log(f"lora ({os.path.basename(cfg.out)}): loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
         times["e_lora"] = time.time() - t
