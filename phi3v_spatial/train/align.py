@@ -96,7 +96,6 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
 
     ``match_text_scale`` (default): rescale the projector's output to the word embeddings' RMS (module doc)."""
     import torch
-    from PIL import Image
 
     from ..data.scene import PALETTE
 
@@ -121,11 +120,7 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     t0, losses = time.time(), []
 
     def batch(idx):
-        images = []
-        for i in idx:
-            with Image.open(image_paths[int(i)]) as im:
-                images.append(im.convert("RGB"))
-        feats = processor.image_processor(images)
+        feats = processor.image_processor(load_rgb([image_paths[int(i)] for i in idx]))
         pv, sizes = feats["pixel_values"], feats["image_sizes"]
         out = ve.image_features(pv.to(next(ve.parameters()).dtype), sizes)
         rows, targets, centres = token_targets(model, processor, pv, sizes, cols)
@@ -164,16 +159,22 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
             "seconds": round(time.time() - t0, 1), **scales}
 
 
-def image_token_rms(model, processor, image_paths: Sequence[str]) -> float:
-    """Mean RMS of the projected image tokens of these images (what the language model receives)."""
-    import torch
+def load_rgb(paths: Sequence[str]) -> list:
+    """The images at ``paths`` as RGB PIL images (files closed)."""
     from PIL import Image
 
     images = []
-    for path in image_paths:
+    for path in paths:
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
-    feats = processor.image_processor(images)
+    return images
+
+
+def image_token_rms(model, processor, image_paths: Sequence[str]) -> float:
+    """Mean RMS of the projected image tokens of these images (what the language model receives)."""
+    import torch
+
+    feats = processor.image_processor(load_rgb(image_paths))
     ve = model.model.vision_embed_tokens
     with torch.no_grad():
         out = torch.cat(ve.image_features(feats["pixel_values"].to(next(ve.parameters()).dtype), feats["image_sizes"]))
