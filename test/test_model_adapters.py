@@ -152,3 +152,43 @@ def test_modules_to_save_adapter(tiny_model, inputs, tmp_path):
     assert torch.equal(model(**inputs).logits, base)
     mgr.activate("mts")
     assert torch.equal(model(**inputs).logits, on)
+
+
+@torch.no_grad()
+def test_adapter_with_full_decoder_layers_loads_in_float16(tiny_model, inputs, tmp_path):
+    """The embedded recipe's adapter shape: full copies of the vision tower and the last decoder layer(s), LoRA in
+    the layers before (``train.embedded.lora_modules``), stored in float16 (``cast_adapter``). It loads through
+    AdapterManager, answers like the in-memory adapter up to float16 rounding, and switches off exactly."""
+    from peft import get_peft_model
+
+    from phi3v_spatial.train.embedded import Recipe, cast_adapter, lora_modules
+
+    n_layers = tiny_model.config.num_hidden_layers
+    saved, targets = lora_modules(Recipe(layers=n_layers, lora_full_layers=1, lora_targets=None,
+                                         lora_modules_to_save=["vision_embed_tokens"], lora_extra_targets=[]))
+    assert saved == ["vision_embed_tokens", f"model.layers.{n_layers - 1}"]
+    assert all(not t.startswith(f"model.layers.{n_layers - 1}.") for t in targets)
+    torch.manual_seed(4)
+    peft_model = get_peft_model(copy.deepcopy(tiny_model), lora_config(r=4, targets=targets, init_lora_weights=False,
+                                                                      modules_to_save=saved))
+    layer_copy = peft_model.base_model.model.model.layers[n_layers - 1].modules_to_save["default"]
+    for p in layer_copy.mlp.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    expected = peft_model(**inputs).logits
+    peft_model.save_pretrained(str(tmp_path / "full"))
+    cast_adapter(str(tmp_path / "full"), "float16")
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    assert {w.dtype for w in stored.values()} == {torch.float16}
+    assert any(k.endswith(f"model.layers.{n_layers - 1}.mlp.down_proj.weight") for k in stored)  # the full copy
+
+    model = copy.deepcopy(tiny_model)
+    base = model(**inputs).logits
+    mgr = AdapterManager(model)
+    mgr.load("full", str(tmp_path / "full"))
+    mgr.activate("full")
+    on = model(**inputs).logits
+    assert (on - base).abs().max() > 1e-2
+    torch.testing.assert_close(on, expected, atol=5e-3, rtol=5e-3)
+    mgr.disable()
+    assert torch.equal(model(**inputs).logits, base)

@@ -36,3 +36,8 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
     w1 = load_file(os.path.join(phase1, "adapter_model.safetensors"))
     w2 = load_file(os.path.join(final, "adapter_model.safetensors"))
     assert set(w1) == set(w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
+    # the recipe's adapter shape: full copies of the vision tower and the decoder layer, LoRA on lm_head
+    assert r.lora_modules_to_save == ["vision_embed_tokens"] and r.lora_full_layers >= r.layers
+    assert any(k.endswith("model.layers.0.mlp.down_proj.weight") for k in w2)
+    assert any(k.endswith("vision_embed_tokens.img_projection.2.weight") for k in w2)
+    assert any("lm_head.lora_A" in k for k in w2) and not any("layers.0.self_attn.qkv_proj.lora" in k for k in w2)
