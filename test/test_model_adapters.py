@@ -164,7 +164,7 @@ def test_adapter_with_full_decoder_layers_loads_in_float16(tiny_model, inputs, t
     from phi3v_spatial.train.embedded import Recipe, cast_adapter, lora_modules
 
     n_layers = tiny_model.config.num_hidden_layers
-    saved, targets = lora_modules(Recipe(layers=n_layers, lora_full_layers=1, lora_targets=None,
+    saved, targets = lora_modules(Recipe(layers=n_layers, lora_full_layers=1,
                                          lora_modules_to_save=["vision_embed_tokens"], lora_extra_targets=[]))
     assert saved == ["vision_embed_tokens", f"model.layers.{n_layers - 1}"]
     assert all(not t.startswith(f"model.layers.{n_layers - 1}.") for t in targets)

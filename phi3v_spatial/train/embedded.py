@@ -158,9 +158,6 @@ class Recipe:
     # lm_head too (as in the CookBook): the base never emitted "yes"/"no", pretraining pushed those output
     # rows down, and without adapting the head the adapter can barely raise them.
     lora_extra_targets: list = field(default_factory=lambda: ["lm_head"])
-    # The LoRA targets before those extras (None = the model's DEFAULT_LORA_TARGETS). Names match as suffixes of
-    # module names, so "model.layers.0.self_attn.qkv_proj" picks one layer; keep them out of lora_modules_to_save.
-    lora_targets: list | None = None
     # Modules the adapter carries fully retrained copies of (PEFT modules_to_save): "vision_embed_tokens" is the
     # whole tiny vision tower + projector (~0.47M parameters) and replaces vision LoRA. Where relations are learned
     # (left of only, 1500 steps each, full training with parts frozen): LM alone 47% (chance), vision alone 65%;
@@ -485,9 +482,7 @@ def lora_modules(r: Recipe) -> tuple[list[str], list[str]]:
 
     n_full = max(0, min(r.lora_full_layers, r.layers))
     saved = list(r.lora_modules_to_save) + [f"model.layers.{i}" for i in range(r.layers - n_full, r.layers)]
-    if r.lora_targets is not None:
-        targets = list(r.lora_targets)
-    elif n_full == 0:
+    if n_full == 0:
         targets = list(DEFAULT_LORA_TARGETS)
     else:  # full paths, so the LoRA stays out of the fully trained layers
         targets = [f"model.layers.{i}.{_LAYER_PATHS[t]}" for i in range(r.layers - n_full) for t in DEFAULT_LORA_TARGETS]
