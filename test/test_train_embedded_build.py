@@ -18,7 +18,11 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
                lora_canonical_steps=2, lora_canonical_mix=0.5, lora_second_lr=1e-3, lora_r=4, lora_alpha=8,
                base_types=("describe", "count", "presence"))
     work = str(tmp_path / "work")
+    before = torch.get_num_threads()
     build("", work, r, stages="abcde")
+    assert torch.get_num_threads() == before  # the recipe's thread counts do not leak into the caller
+    threads = json.load(open(os.path.join(work, "build_summary.json")))["host"]["torch_threads"]
+    assert threads == {"a-d": r.threads, "e": r.lora_threads}
     index = json.load(open(os.path.join(work, "data", "index.json")))
     canonical = list(read_jsonl(index["train"]["spatial_canonical"]))
     spatial = list(read_jsonl(index["train"]["spatial"]))
