@@ -104,8 +104,9 @@ depth relations keep theirs. A probe of that: the second phase with the left/rig
 (weights 1 all : 1 canonical : 1 left/right), 2000 steps, gave yes/no 70.6%, choices 62.2% (left of 57%, right of
 67%) against 69.1% / 58.4% (57% / 44%) without. That gain is smaller than the twins' at 2000 steps, which did not
 hold at 6000, so no rebuild was made for it. Nor is the vision copy what erases it: the second phase with the vision
-tower + projector frozen (2000 steps) gave 61.7% / 55.4%; far-apart "left of" kept 79%, but right of fell to 45%
-and even behind / farther to 53% / 47%. The language-model layers alone learn the converse flip least of all.
+tower + projector frozen (2000 steps) gave 61.7% / 55.4%. Far-apart "left of" is 79% with or without the freeze
+(right of 45%), and behind / farther fell to 53% / 47% (83% / 79% unfrozen). So the language-model layers alone
+learn the converse flip worst of all.
 """
 from __future__ import annotations
 
