@@ -99,14 +99,17 @@ rows for the relation words (PEFT ``trainable_token_indices``; the base never sa
 was as before (left of 71%, in front of 85%, 600-item subsample). The second phase after 2000 steps: 63.9% /
 55.4%, against 69.1% / 58.4% without. Where left/right is lost: after the first phase, "Is A left of B?" is 93%
 right for objects over 60 px apart. After the committed second phase it is 52% ("left of") and 70% ("right of") at
-that distance, and 29-67% closer in. So the second phase erases the lateral read at every separation, while the
+that distance, and 29-67% closer in. So the second phase loses most of the lateral read at every distance, while the
 depth relations keep theirs. A probe of that: the second phase with the left/right records mixed in once more
 (weights 1 all : 1 canonical : 1 left/right), 2000 steps, gave yes/no 70.6%, choices 62.2% (left of 57%, right of
 67%) against 69.1% / 58.4% (57% / 44%) without. That gain is smaller than the twins' at 2000 steps, which did not
-hold at 6000, so no rebuild was made for it. Nor is the vision copy what erases it: the second phase with the vision
+hold at 6000, so no rebuild was made for it. Nor is the vision copy what loses it: the second phase with the vision
 tower + projector frozen (2000 steps) gave 61.7% / 55.4%. Far-apart "left of" is 79% with or without the freeze
 (right of 45%), and behind / farther fell to 53% / 47% (83% / 79% unfrozen). So the language-model layers alone
-learn the converse flip worst of all.
+learn the converse flip worst of all. The lead for the next attempt: the same second phase on the left/right questions
+alone (both directions, 2000 steps) learns that flip: yes/no left of 82%, right of 81%; choices 82% / 81%; far apart
+93% / 88%. The other relations then fall back (in front of 62%, closer 58%). So the adapter can learn each flip;
+in the mixed second phase the relation pairs compete, and left/right loses. A per-pair schedule is untried.
 """
 from __future__ import annotations
 
