@@ -109,7 +109,11 @@ tower + projector frozen (2000 steps) gave 61.7% / 55.4%. Far-apart "left of" is
 learn the converse flip worst of all. The lead for the next attempt: the same second phase on the left/right questions
 alone (both directions, 2000 steps) learns that flip: yes/no left of 82%, right of 81%; choices 82% / 81%; far apart
 93% / 88%. The other relations then fall back (in front of 62%, closer 58%). So the adapter can learn each flip;
-in the mixed second phase the relation pairs compete, and left/right loses. A per-pair schedule is untried.
+in the mixed second phase the relation pairs compete, and left/right loses. Continuing that left/right-only adapter
+with the mixed second phase (2000 steps) keeps the lateral flip (yes/no left of 85%, right of 92%; choices 84% / 66%)
+but then the depth flip is the one missing (in front of 61%, behind 61%, closer 64%, farther 53%): yes/no 65.5%,
+choices 64.7%. Whichever pair trained last holds its flip; a longer per-pair schedule that keeps all of them is
+untried.
 """
 from __future__ import annotations
 
