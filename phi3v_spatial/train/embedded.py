@@ -112,12 +112,12 @@ alone (both directions, 2000 steps) learns that flip: yes/no left of 82%, right 
 in the mixed second phase the relation pairs compete, and left/right loses. Continuing that left/right-only adapter
 on all : canonical : left/right 1 : 1 : 1 (2000 steps) keeps the lateral flip (yes/no left of 85%, right of 92%;
 choices 84% / 66%), but then the depth flip is the one missing (in front of 61%, behind 61%, closer 64%, farther
-53%): yes/no 65.5%, choices 64.7%. A further 4000 steps on the recipe's own second-phase mix (all : canonical 1 : 1) brought depth back
-and kept most of left/right: yes/no 77.6%, choices 75.1% (committed 75.1% / 69.9%); in front of 83%, behind 90%,
-closer 91%, farther 90%, left of 66%, right of 75%; choices further left 92%, right 74%. That schedule (canonical
-2500, left/right alone 2000, mixed + left/right 2000, mixed 4000: 10500 adapter steps, ~7 min more than the
-committed 8500) is the best seen so far, in one seed on the held-out set; it is not the recipe yet (not rebuilt
-end to end, over the 45-minute budget as is, and chosen on the held-out set).
+53%): yes/no 65.5%, choices 64.7%. A further 4000 steps on the recipe's own second-phase mix (all : canonical 1 : 1)
+brought depth back and kept most of left/right: yes/no 77.6%, choices 75.1% (committed 75.1% / 69.9%); in front of
+83%, behind 90%, closer 91%, farther 90%, left of 66%, right of 75%; choices further left 92%, right 74%. That
+schedule (canonical 2500, left/right alone 2000, mixed + left/right 2000, mixed 4000: 10500 adapter steps, ~7 min
+more than the committed 8500) is the best seen so far, in one seed on the held-out set; it is not the recipe yet (not
+rebuilt end to end, over the 45-minute budget as is, and chosen on the held-out set).
 """
 from __future__ import annotations
 
