@@ -6,17 +6,17 @@ import torch
 
 from phi3v_spatial.data.questions import CANONICAL_RELATIONS
 from phi3v_spatial.data.records import read_jsonl
-from phi3v_spatial.train.embedded import Recipe, build
+from phi3v_spatial.train.embedded import LATERAL_RELATIONS, Recipe, adapter_phases, build
 
 
-def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_relations(tmp_path):
+def test_build_runs_canonical_then_left_right_phases_then_continues_the_same_adapter_on_all_relations(tmp_path):
     from safetensors.torch import load_file
 
     r = Recipe(train_scenes=8, eval_scenes=2, image_size=(64, 48), vocab_size=400, hidden=32, layers=1, heads=2,
                intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
                init_gain=1.0, align_steps=2, align_batch=4, base_steps=2, base_batch=4, lora_steps=3, lora_batch=4,
                lora_canonical_steps=2, lora_canonical_mix=0.5, lora_second_lr=1e-3, lora_r=4, lora_alpha=8,
-               base_types=("describe", "count", "presence"))
+               lora_lateral_steps=2, lora_lateral_mix_steps=1, base_types=("describe", "count", "presence"))
     work = str(tmp_path / "work")
     before = torch.get_num_threads()
     build("", work, r, stages="abcde")
@@ -30,10 +30,23 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
     assert len(canonical) < len(spatial) and {x.id for x in canonical} <= {x.id for x in spatial}
     assert any(x.relation not in CANONICAL_RELATIONS for x in spatial)
 
+    lateral = list(read_jsonl(index["train"]["spatial_lateral"]))
+    assert lateral and {x.relation for x in lateral} <= LATERAL_RELATIONS
+    assert {x.id for x in lateral} == {x.id for x in spatial if x.relation in LATERAL_RELATIONS}
+
     phase1, final = os.path.join(work, "lora_canonical"), os.path.join(work, "lora")
     assert json.load(open(os.path.join(phase1, "training_args.json")))["total_steps"] == 2
+    # left/right alone, then left/right mixed into the full set, each continuing the adapter before it
+    lat = json.load(open(os.path.join(work, "lora_lateral", "training_args.json")))
+    assert lat["init_adapter"] == phase1 and lat["total_steps"] == 2 and lat["lr"] == 1e-3
+    assert [(x["weight"], x["records"]) for x in lat["sources"]] == [(1.0, len(lateral))]
+    mix = json.load(open(os.path.join(work, "lora_lateral_mix", "training_args.json")))
+    assert mix["init_adapter"] == os.path.join(work, "lora_lateral") and mix["total_steps"] == 1
+    assert sorted(x["records"] for x in mix["sources"]) == sorted([len(spatial), len(canonical), len(lateral)])
+    assert {x["weight"] for x in mix["sources"]} == {1.0}
     args = json.load(open(os.path.join(final, "training_args.json")))
-    assert args["init_adapter"] == phase1 and args["total_steps"] == 3 and args["lr"] == 1e-3
+    assert args["init_adapter"] == os.path.join(work, "lora_lateral_mix") and args["total_steps"] == 3
+    assert args["lr"] == 1e-3
     # second phase: the full set, with the canonical records mixed back in at the recipe's weight
     assert sorted((x["weight"], x["records"]) for x in args["sources"]) == [(0.5, len(canonical)), (1.0, len(spatial))]
     assert json.load(open(os.path.join(phase1, "training_args.json")))["lr"] == r.lora_lr
@@ -45,3 +58,15 @@ def test_build_runs_the_canonical_phase_then_continues_the_same_adapter_on_all_r
     assert any(k.endswith("model.layers.0.mlp.down_proj.weight") for k in w2)
     assert any(k.endswith("vision_embed_tokens.img_projection.2.weight") for k in w2)
     assert any("lm_head.lora_A" in k for k in w2) and not any("layers.0.self_attn.qkv_proj.lora" in k for k in w2)
+
+
+def test_adapter_phases_without_left_right_phases_are_canonical_then_all():
+    """The left/right phases are optional; off, the canonical phase hands over to the last one directly."""
+    data = {"train": {"spatial": "s.jsonl", "spatial_canonical": "c.jsonl", "spatial_lateral": "l.jsonl"}}
+    phases = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=0), data, "base", "out/lora")
+    assert [p.out for p in phases] == ["out/lora_canonical", "out/lora"]
+    assert phases[1].init_adapter == "out/lora_canonical" and phases[1].data == ["s.jsonl:1", "c.jsonl:1"]
+    only_mix = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=5), data, "base", "out/lora")
+    assert [p.out for p in only_mix] == ["out/lora_canonical", "out/lora_lateral_mix", "out/lora"]
+    assert only_mix[1].data == ["s.jsonl:1", "c.jsonl:1", "l.jsonl:1"] and only_mix[1].steps == 5
+    assert adapter_phases(Recipe(lora_canonical_steps=0, lora_lateral_steps=9), data, "b", "o")[0].data == ["s.jsonl"]
