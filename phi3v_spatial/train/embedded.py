@@ -129,6 +129,10 @@ front of 72%, yes/no 50.9% over all relations), the left/right phase learned no 
 the depth flip never came back. The committed second phase from that same first phase (seed 1, 6000 steps): 69.8% /
 56.8% (depth 84-90%, left/right 56% / 52%). So the schedule raised the choices once and failed once; the options stay
 off. The base rebuilt bit for bit (identical weights); the adapter stage did not (see ``lora_threads``).
+With the adapter on, counting falls from 95% to 0%. Rehearsing the base records in the second phase (base.jsonl at
+weight 0.3 beside all : canonical 1 : 1; 2000 steps from the committed first phase) kept it (count 92.8%, describe
+2.8%) but the converse flip did not start: yes/no 52.2%, choices 52.8% (behind 42%, farther 20%, right of 30%),
+against 69.1% / 58.4% without it after the same 2000 steps. Not adopted.
 """
 from __future__ import annotations
 
