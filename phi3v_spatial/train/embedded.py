@@ -132,7 +132,10 @@ off. The base rebuilt bit for bit (identical weights); the adapter stage did not
 With the adapter on, counting falls from 95% to 0%. Rehearsing the base records in the second phase (base.jsonl at
 weight 0.3 beside all : canonical 1 : 1; 2000 steps from the committed first phase) kept it (count 92.8%, describe
 2.8%) but the converse flip did not start: yes/no 52.2%, choices 52.8% (behind 42%, farther 20%, right of 30%),
-against 69.1% / 58.4% without it after the same 2000 steps. Not adopted.
+against 69.1% / 58.4% without it after the same 2000 steps. Not adopted. As a third phase instead, from the
+committed adapter (all : canonical : base 1 : 1 : 0.3, 500 steps at 5e-4): count 61.6%, yes/no 73.7%, choices 65.7%;
+1 : 1 : 0.5, 1000 steps: count 86.0%, describe 3.2%, yes/no 73.9%, choices 66.7% (committed 0% / 75.1% / 69.9%).
+That is the lead for an adapter that keeps counting; it needs a recipe option and a rebuild before it counts.
 """
 from __future__ import annotations
 
