@@ -70,3 +70,20 @@ def test_adapter_phases_without_left_right_phases_are_canonical_then_all():
     assert [p.out for p in only_mix] == ["out/lora_canonical", "out/lora_lateral_mix", "out/lora"]
     assert only_mix[1].data == ["s.jsonl:1", "c.jsonl:1", "l.jsonl:1"] and only_mix[1].steps == 5
     assert adapter_phases(Recipe(lora_canonical_steps=0, lora_lateral_steps=9), data, "b", "o")[0].data == ["s.jsonl"]
+
+
+def test_rehearsal_phase_continues_the_relations_adapter_with_the_base_records_mixed_in():
+    """Off by default; on, the phase on all relations writes its own folder and the rehearsal phase writes lora_dir."""
+    data = {"train": {"spatial": "s.jsonl", "spatial_canonical": "c.jsonl", "spatial_lateral": "l.jsonl",
+                      "base": "b.jsonl"}}
+    assert adapter_phases(Recipe(), data, "base", "out/lora")[-1].out == "out/lora"
+    assert all("b.jsonl" not in spec for p in adapter_phases(Recipe(), data, "base", "out/lora") for spec in p.data)
+    r = Recipe(lora_rehearsal_steps=7, lora_rehearsal_weight=0.25, lora_second_lr=3e-4)
+    phases = adapter_phases(r, data, "base", "out/lora")
+    assert [p.out for p in phases] == ["out/lora_canonical", "out/lora_relations", "out/lora"]
+    last = phases[-1]
+    assert last.init_adapter == "out/lora_relations" and last.steps == 7 and last.lr == 3e-4
+    assert last.data == ["s.jsonl:1", "c.jsonl:1", "b.jsonl:0.25"]
+    assert phases[1].data == ["s.jsonl:1", "c.jsonl:1"] and phases[1].steps == r.lora_steps
+    no_mix = adapter_phases(Recipe(lora_rehearsal_steps=7, lora_canonical_mix=0), data, "base", "out/lora")
+    assert no_mix[-1].data == ["s.jsonl:1", "b.jsonl:0.5"] and no_mix[1].data == ["s.jsonl"]
