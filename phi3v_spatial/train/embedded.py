@@ -578,16 +578,19 @@ def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
     if r.lora_lateral_steps > 0:
         phases.append(phase([train["spatial_lateral"]], lora_dir + "_lateral", r.lora_lateral_steps, second_lr,
                             phases[-1].out))
+    def weighted(*pairs):  # data specs "path:weight"
+        return [f"{path}:{w:g}" for path, w in pairs]
+
     if r.lora_lateral_mix_steps > 0:
-        phases.append(phase([f"{train['spatial']}:1", f"{train['spatial_canonical']}:1", f"{train['spatial_lateral']}:1"],
-                            lora_dir + "_lateral_mix", r.lora_lateral_mix_steps, second_lr, phases[-1].out))
-    last = [train["spatial"]]
-    if r.lora_canonical_mix > 0:
-        last = [f"{train['spatial']}:1", f"{train['spatial_canonical']}:{r.lora_canonical_mix:g}"]
+        mixed = weighted((train["spatial"], 1), (train["spatial_canonical"], 1), (train["spatial_lateral"], 1))
+        phases.append(phase(mixed, lora_dir + "_lateral_mix", r.lora_lateral_mix_steps, second_lr, phases[-1].out))
+    relations = [(train["spatial"], 1)] + ([(train["spatial_canonical"], r.lora_canonical_mix)]
+                                           if r.lora_canonical_mix > 0 else [])
+    last = weighted(*relations) if len(relations) > 1 else [train["spatial"]]
     if r.lora_rehearsal_steps <= 0:
         return phases + [phase(last, lora_dir, r.lora_steps, second_lr, phases[-1].out)]
     phases.append(phase(last, lora_dir + "_relations", r.lora_steps, second_lr, phases[-1].out))
-    rehearsal = [spec if ":" in spec else f"{spec}:1" for spec in last] + [f"{train['base']}:{r.lora_rehearsal_weight:g}"]
+    rehearsal = weighted(*relations, (train["base"], r.lora_rehearsal_weight))
     return phases + [phase(rehearsal, lora_dir, r.lora_rehearsal_steps, second_lr, phases[-1].out)]
 
 
