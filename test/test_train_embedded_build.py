@@ -6,17 +6,18 @@ import torch
 
 from phi3v_spatial.data.questions import CANONICAL_RELATIONS
 from phi3v_spatial.data.records import read_jsonl
-from phi3v_spatial.train.embedded import LATERAL_RELATIONS, Recipe, adapter_phases, build
+from phi3v_spatial.train.embedded import LATERAL_RELATIONS, Recipe, adapter_phases, build, eval_markdown
 
 
-def test_build_runs_canonical_then_left_right_phases_then_continues_the_same_adapter_on_all_relations(tmp_path):
+def test_build_runs_canonical_then_left_right_phases_then_all_relations_then_the_polish_on_one_adapter(tmp_path):
     from safetensors.torch import load_file
 
     r = Recipe(train_scenes=8, eval_scenes=2, image_size=(64, 48), vocab_size=400, hidden=32, layers=1, heads=2,
                intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
                init_gain=1.0, align_steps=2, align_batch=4, base_steps=2, base_batch=4, lora_steps=3, lora_batch=4,
                lora_canonical_steps=2, lora_canonical_mix=0.5, lora_second_lr=1e-3, lora_r=4, lora_alpha=8,
-               lora_lateral_steps=2, lora_lateral_mix_steps=1, base_types=("describe", "count", "presence"))
+               lora_lateral_steps=2, lora_lateral_mix_steps=1, lora_lateral_polish_steps=1,
+               base_types=("describe", "count", "presence"))
     work = str(tmp_path / "work")
     before = torch.get_num_threads()
     build("", work, r, stages="abcde")
@@ -44,11 +45,16 @@ def test_build_runs_canonical_then_left_right_phases_then_continues_the_same_ada
     assert mix["init_adapter"] == os.path.join(work, "lora_lateral") and mix["total_steps"] == 1
     assert sorted(x["records"] for x in mix["sources"]) == sorted([len(spatial), len(canonical), len(lateral)])
     assert {x["weight"] for x in mix["sources"]} == {1.0}
-    args = json.load(open(os.path.join(final, "training_args.json")))
+    args = json.load(open(os.path.join(work, "lora_relations", "training_args.json")))
     assert args["init_adapter"] == os.path.join(work, "lora_lateral_mix") and args["total_steps"] == 3
     assert args["lr"] == 1e-3
-    # second phase: the full set, with the canonical records mixed back in at the recipe's weight
+    # the phase on all relations: the full set, with the canonical records mixed back in at the recipe's weight
     assert sorted((x["weight"], x["records"]) for x in args["sources"]) == [(0.5, len(canonical)), (1.0, len(spatial))]
+    # the polish: that mix plus the left/right records, continuing it, written where the adapter goes
+    pol = json.load(open(os.path.join(final, "training_args.json")))
+    assert pol["init_adapter"] == os.path.join(work, "lora_relations") and pol["total_steps"] == 1
+    assert sorted((x["weight"], x["records"]) for x in pol["sources"]) == sorted(
+        [(0.5, len(canonical)), (1.0, len(spatial)), (1.0, len(lateral))])
     assert json.load(open(os.path.join(phase1, "training_args.json")))["lr"] == r.lora_lr
     w1 = load_file(os.path.join(phase1, "adapter_model.safetensors"))
     w2 = load_file(os.path.join(final, "adapter_model.safetensors"))
@@ -59,14 +65,28 @@ def test_build_runs_canonical_then_left_right_phases_then_continues_the_same_ada
     assert any(k.endswith("vision_embed_tokens.img_projection.2.weight") for k in w2)
     assert any("lm_head.lora_A" in k for k in w2) and not any("layers.0.self_attn.qkv_proj.lora" in k for k in w2)
 
+    # a partial rerun (evaluation only) keeps the earlier stages' timings and the build's notes, and the page shows both
+    summary_path = os.path.join(work, "build_summary.json")
+    summary = json.load(open(summary_path))
+    summary["notes"] = ["Stage e ran on another machine."]
+    json.dump(summary, open(summary_path, "w"))
+    rerun = build("", work, r, stages="f")
+    assert rerun["notes"] == ["Stage e ran on another machine."]
+    assert rerun["times_s"]["e_lora"] == summary["times_s"]["e_lora"] and "f_eval" in rerun["times_s"]
+    page = eval_markdown(rerun)
+    assert "Stage e ran on another machine." in page
+    assert "then all, 3 steps, then with the left/right records mixed in once more, 1 steps" in page
+
 
 def test_adapter_phases_without_left_right_phases_are_canonical_then_all():
     """The left/right phases are optional; off, the canonical phase hands over to the last one directly."""
     data = {"train": {"spatial": "s.jsonl", "spatial_canonical": "c.jsonl", "spatial_lateral": "l.jsonl"}}
-    phases = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=0), data, "base", "out/lora")
+    phases = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=0, lora_lateral_polish_steps=0),
+                            data, "base", "out/lora")
     assert [p.out for p in phases] == ["out/lora_canonical", "out/lora"]
     assert phases[1].init_adapter == "out/lora_canonical" and phases[1].data == ["s.jsonl:1", "c.jsonl:1"]
-    only_mix = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=5), data, "base", "out/lora")
+    only_mix = adapter_phases(Recipe(lora_lateral_steps=0, lora_lateral_mix_steps=5, lora_lateral_polish_steps=0),
+                              data, "base", "out/lora")
     assert [p.out for p in only_mix] == ["out/lora_canonical", "out/lora_lateral_mix", "out/lora"]
     assert only_mix[1].data == ["s.jsonl:1", "c.jsonl:1", "l.jsonl:1"] and only_mix[1].steps == 5
     assert adapter_phases(Recipe(lora_canonical_steps=0, lora_lateral_steps=9), data, "b", "o")[0].data == ["s.jsonl"]
@@ -78,12 +98,31 @@ def test_rehearsal_phase_continues_the_relations_adapter_with_the_base_records_m
                       "base": "b.jsonl"}}
     assert adapter_phases(Recipe(), data, "base", "out/lora")[-1].out == "out/lora"
     assert all("b.jsonl" not in spec for p in adapter_phases(Recipe(), data, "base", "out/lora") for spec in p.data)
-    r = Recipe(lora_rehearsal_steps=7, lora_rehearsal_weight=0.25, lora_second_lr=3e-4)
+    r = Recipe(lora_rehearsal_steps=7, lora_rehearsal_weight=0.25, lora_second_lr=3e-4, lora_lateral_polish_steps=0)
     phases = adapter_phases(r, data, "base", "out/lora")
     assert [p.out for p in phases] == ["out/lora_canonical", "out/lora_relations", "out/lora"]
     last = phases[-1]
     assert last.init_adapter == "out/lora_relations" and last.steps == 7 and last.lr == 3e-4
     assert last.data == ["s.jsonl:1", "c.jsonl:1", "b.jsonl:0.25"]
     assert phases[1].data == ["s.jsonl:1", "c.jsonl:1"] and phases[1].steps == r.lora_steps
-    no_mix = adapter_phases(Recipe(lora_rehearsal_steps=7, lora_canonical_mix=0), data, "base", "out/lora")
+    no_mix = adapter_phases(Recipe(lora_rehearsal_steps=7, lora_canonical_mix=0, lora_lateral_polish_steps=0),
+                            data, "base", "out/lora")
     assert no_mix[-1].data == ["s.jsonl:1", "b.jsonl:0.5"] and no_mix[1].data == ["s.jsonl"]
+
+
+def test_left_right_polish_follows_the_relations_phase_and_precedes_the_rehearsal():
+    """On by default: the phase on all relations hands over to the polish (its mix + the left/right records), which
+    writes lora_dir; with the rehearsal on too, the polish gets its own folder and the rehearsal comes last."""
+    data = {"train": {"spatial": "s.jsonl", "spatial_canonical": "c.jsonl", "spatial_lateral": "l.jsonl",
+                      "base": "b.jsonl"}}
+    r = Recipe(lora_second_lr=3e-4)
+    assert r.lora_lateral_polish_steps > 0
+    phases = adapter_phases(r, data, "base", "out/lora")
+    assert [p.out for p in phases] == ["out/lora_canonical", "out/lora_relations", "out/lora"]
+    polish = phases[-1]
+    assert polish.init_adapter == "out/lora_relations" and polish.steps == r.lora_lateral_polish_steps
+    assert polish.data == ["s.jsonl:1", "c.jsonl:1", "l.jsonl:1"] and polish.lr == 3e-4
+    both = adapter_phases(Recipe(lora_rehearsal_steps=7), data, "base", "out/lora")
+    assert [p.out for p in both] == ["out/lora_canonical", "out/lora_relations", "out/lora_polish", "out/lora"]
+    assert both[-1].init_adapter == "out/lora_polish" and both[-1].data == ["s.jsonl:1", "c.jsonl:1", "b.jsonl:0.5"]
+    assert [p.out for p in adapter_phases(Recipe(lora_canonical_steps=0), data, "b", "o")] == ["o"]

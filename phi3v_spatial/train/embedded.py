@@ -14,128 +14,14 @@ Stages (each writes under ``work_dir``; ``models/`` only receives the final file
   d. full pretraining on ``base_types`` (describe + count + presence), several questions per image in one chat;
   e. a PEFT adapter on yes/no relations + choices (full copies of the vision tower + projector and the decoder
      layers, LoRA on lm_head; ``lora_modules``): one direction of each relation pair first
-     (``lora_canonical_steps``), then all of them with those mixed back in, continuing the same adapter (opt-in
-     between the two: left/right questions alone, then mixed in; ``lora_lateral_steps``, ``lora_lateral_mix_steps``);
+     (``lora_canonical_steps``), then all of them with those mixed back in (``lora_steps``), then a short polish
+     with the left/right questions mixed in once more (``lora_lateral_polish_steps``), each phase continuing the
+     adapter before it (opt-in: a left/right stage between the first two, a base-record rehearsal at the end);
   f. held-out evaluation, base vs base + adapter -> ``EVAL.md`` + ``eval_report.json``.
 
-Status (2026-11-27): the committed build (this recipe's defaults, 39 min on 2 cores) does NOT reach the targets
-(held out with the adapter: yes/no 75.1%, choice 69.9%; base 50.1% / 43.8%); see models/EVAL.md. History:
-Diagnosis (runs/loc, CPU, 1 thread): there is no data/collator/eval bug (labels, masks, image slots, pixel_values,
-gradients into the tower, LoRA save/reload, yes/no token ids and prompts all check out; 64 describe scenes are
-memorised exactly). The model learns anything that depends on the question alone (50 steps) or on the image alone
-with a fixed question ("Is there a red object?": 97% held out in 300 steps), but no question x image interaction
-(6-colour "Is there a {colour} object?", 1200 steps) -- and, at the config's initializer_range 0.02, not even the
-text-only version (colour words listed in the prompt). Every relation question is such an interaction (yes/no
-balanced per scene, converse pairs), so both base and adapter sat at chance. What moves it (opt-in here, default
-off until a full build meets the targets): ``init_gain``/``embed_std`` (width-aware init: the text-only interaction
-then learns, 93% in 300 steps), ``align_steps`` (``train.align``: image tokens scored against the colour-word
-embeddings) and ``base_turns``/``lora_turns`` (several questions per image in one chat, every answer learned):
-together, 6-colour presence goes 50% -> 94% held out in 1000 steps (batch 16 x 6 turns, ~6 min). Relation
-questions on top of that base stayed at chance after 600 LoRA / 800 full fine-tuning steps (train loss falling).
-"Where is the red object?" (column in fifths, depth band, floating, size) from that base learns, but slowly:
-column 35% after 600 steps, 46% after 1300 (majority 28%); relations after that, 700 full steps: still chance.
-So the remaining gap is reading *where* a named object is, then comparing two of them -- a longer curriculum
-(presence -> locate -> relations) than one 45-minute single-thread CPU build allows at this model size so far.
-Earlier (expC): modules_to_save for the vision tower, 2-3 objects, left/right only, longer bases: all at chance.
-Later (runs/rel, 1 thread each): the colour alignment washed position out of the image tokens (a linear probe
-finds a token's column of 4 in 59%); ``align_position_weight`` keeps it (95%), and from that base a one-object
-"Is the red cone on the left side of the image?" reaches 71% held out in 600 steps -- but left/right between two
-named objects still sits at chance after 1200-2500 full steps on 33k questions (12k scenes), also after that
-side task. Where the wall is, from a text-only version in a bare loop (plain 4x128 Phi-3 LM, fresh examples like
-"red 6 purple 2 Is the red cube left of the purple sphere?", 32 per step, lr 1e-3): answering from the subject's
-colour alone learns in < 1000 steps, from the subject's number alone (one retrieval, ">= 5?") in ~1500, but from
-comparing the subject's and the object's numbers (two retrievals, even ignoring the relation word) it stays at
-chance after 3000 (the full task: 3750 steps; 3250 with 6 layers; 4000 with the 0.02 init). So the model finds one
-named object and reads its place, but does not learn to combine two such reads within these budgets; a fixed
-set of 8.8k such texts is memorised instead. Packing all four phrasings of a pair into one chat is a trap: later
-answers follow from earlier ones in the text (loss falls, held-out stays at chance), so the collator now packs
-one question per object pair.
-Later still (runs/two, 1 thread each), two blockers found and fixed, now in the defaults: (1) the alignment left
-image tokens at ~5x the word embeddings' RMS, and the LM could not compute on them (``train.align`` now rescales; full
-fine-tuning on "Is A left of B?" went from 54% after 1500 steps to 86% after 2000); (2) with both directions of a
-relation asked equally the answer is an XOR of direction word and geometry, which gradient descent does not
-start on (toy LM: left-only 100% in 750 steps, left+right at chance until 2750). Left-only first, then both
-directions: 89% held out on left/right (full fine-tuning). The whole recipe with both (``lora_canonical_steps``
-2500 + ``lora_steps`` 2000, align 400 + presence in the base, width-aware init, 10k scenes, 40 min): the base counts
-95% (was 48%), the canonical-phase adapter answers 73% of canonical yes/no and 69% of choices, but the second
-phase (both directions) brings the LoRA back to chance (51% / 42%): unlike full fine-tuning, the adapter did not
-learn to flip on the converse word within 800-2000 steps. Mixing the canonical records back in at half the
-learning rate keeps what the first phase learned and slowly adds the converses: the adapter committed then (71.8% yes/no;
-in front of 88%, closer 81%, behind 77%, left of 65%, but right of 47%, smaller 43%; choices 48%). The converse flip
-and the choices are where the work continues (full fine-tuning learns the flip: 89% on left/right).
-Then (runs/five, 1 thread each) where the skill has to be learned: full training with parts frozen on "left of"
-only, 1500 steps: language model alone 47% (chance), vision tower + projector alone 65%; LoRA on the LM with a
-full copy of the vision tower in the adapter (modules_to_save) 74%. The same adapter through both phases: 65% yes/no,
-right of 31% (no flip: LoRA in the LM does not learn it). Full copies of the decoder layers too (LoRA only on
-lm_head, i.e. a full fine-tune of everything but the token embeddings, 2.8 MB in float16): in front 95%, behind 92%,
-farther 77%, choices 60% (600-question subsample), but left/right fell from 77% after the canonical phase to 53/35%.
-Second phase at 5e-4 instead of 1e-3: the committed adapter (held out: yes/no 73.4%, choice 65.5%; in front 91%,
-behind 89%, closer 88%, farther 79%, left of 67%, right of 42%). Second phase without the canonical mix: chance.
-Last two decoder layers in full and the first two frozen: 69% / 45%. Left/right and bigger/smaller stay weakest.
-Then (runs/S6): the adapter stage on 2 threads (``lora_threads``) takes 0.20 s a step against 0.30 s on 1, once
-the CLI stops forcing OMP_WAIT_POLICY=PASSIVE for it; that time went into the second phase (2300 -> 6000 steps):
-yes/no 75.1%, choices 69.9%, depth at the target (yes/no 89-93%, choices closer 94% / farther 80%), left/right not
-(yes/no 47% / 59%, choices left 86% / right 47%). A 3000-step first phase gave 72.8% / 71.5% (no better, 5 min
-longer). After the first phase, "Is A left of B?" is 93% right for objects over 60 px apart, 56-70% at 15-60 px
-(one token spans 40 px); 2500 -> 3000 steps did not move it (72% -> 69%). Trainable token embeddings too
-(modules_to_save "model.embed_tokens") made the first phase worse (left of 56%, in front of 59%).
-Then (runs/S7, 2 threads): the first phase depends on the seed as much as on anything tried above. The same base,
-recipe and data with TrainConfig seed 1 instead of 0 (sampling order, LoRA init): yes/no left of 60% (seed 0: 72%),
-in front of 72% (85%), closer 71% (85%). Single-run differences of about ten points between variants are within
-this spread, so a change needs several seeds before it counts. Tried and dropped on that basis: a third alignment
-objective (every object token regresses its object's pixel centre and apparent size; base rebuilt on 2 threads;
-x error 0.03 of the width after 400 steps, align 203 s): first phase left of 60% / 57% and in front of 72% / 80%
-for seeds 0 / 1, no better than the seed spread of the committed recipe. The second phase is less seed-bound: seed
-1 from the committed first phase gave yes/no 76.6%, choices 72.7% (committed, seed 0: 75.1% / 69.9%); left of 62%,
-right of 52% (yes/no), right of 64% (choices). Not committed: picking the better of two seeds on the held-out set.
-Then (runs/S8, 2 threads) three more remedies, none adopted. (1) ``num_crops`` 4 (a 2x2 grid of sub-crops, 8x8
-image tokens instead of 4x4; base rebuilt, alignment + pretraining 624 s; the adapter 0.33 s a step instead of
-0.20): first phase left of 56%, in front of 63%, closer 66% (num_crops 1: 60-72%, 72-85%, 71-85% over two seeds).
-More tokens made the relations slower to learn, not easier. (2) Converse twins in the second phase: half of each
-batch drawn, the other half the same chats with every relation question turned into its converse (opposite
-answer). After 2000 steps from the committed first phase: yes/no 73.9% against 69.1% without them. The full stage e
-with them (6000 steps): yes/no 74.4%, choices 63.7% (committed: 75.1% / 69.9%). Left/right yes/no became balanced
-(55% / 54%) but stayed at chance, and "further left" choices fell from 86% to 58%. (3) Trainable input-embedding
-rows for the relation words (PEFT ``trainable_token_indices``; the base never saw those words). The first phase
-was as before (left of 71%, in front of 85%, 600-item subsample). The second phase after 2000 steps: 63.9% /
-55.4%, against 69.1% / 58.4% without. Where left/right is lost: after the first phase, "Is A left of B?" is 93%
-right for objects over 60 px apart. After the committed second phase it is 52% ("left of") and 70% ("right of") at
-that distance, and 29-67% closer in. So the second phase loses most of the lateral read at every distance, while the
-depth relations keep theirs. A probe of that: the second phase with the left/right records mixed in once more
-(weights 1 all : 1 canonical : 1 left/right), 2000 steps, gave yes/no 70.6%, choices 62.2% (left of 57%, right of
-67%) against 69.1% / 58.4% (57% / 44%) without. That gain is smaller than the twins' at 2000 steps, which did not
-hold at 6000, so no rebuild was made for it. Nor is the vision copy what loses it: the second phase with the vision
-tower + projector frozen (2000 steps) gave 61.7% / 55.4%. Far-apart "left of" is 79% with or without the freeze
-(right of 45%), and behind / farther fell to 53% / 47% (83% / 79% unfrozen). So the language-model layers alone
-learn the converse flip worst of all. The lead for the next attempt: the same second phase on the left/right questions
-alone (both directions, 2000 steps) learns that flip: yes/no left of 82%, right of 81%; choices 82% / 81%; far apart
-93% / 88%. The other relations then fall back (in front of 62%, closer 58%). So the adapter can learn each flip;
-in the mixed second phase the relation pairs compete, and left/right loses. Continuing that left/right-only adapter
-on all : canonical : left/right 1 : 1 : 1 (2000 steps) keeps the lateral flip (yes/no left of 85%, right of 92%;
-choices 84% / 66%), but then the depth flip is the one missing (in front of 61%, behind 61%, closer 64%, farther
-53%): yes/no 65.5%, choices 64.7%. A further 4000 steps on the recipe's own second-phase mix (all : canonical 1 : 1)
-brought depth back and kept most of left/right: yes/no 77.6%, choices 75.1% (committed 75.1% / 69.9%); in front of
-83%, behind 90%, closer 91%, farther 90%, left of 66%, right of 75%; choices further left 92%, right 74%. That
-schedule (canonical 2500, left/right alone 2000, mixed + left/right 2000, mixed 4000: 10500 adapter steps, ~7 min
-more than the committed 8500) is the best seen so far, in one seed on the held-out set; it is not the recipe yet (not
-rebuilt end to end, over the 45-minute budget as is, and chosen on the held-out set).
-Then (runs/S9): that schedule as recipe options (``lora_lateral_steps``, ``lora_lateral_mix_steps``; the last phase
-shortened to ``lora_steps`` 3500 to fit the budget), rebuilt end to end (``build-embedded --set lora_lateral_steps=2000
-lora_lateral_mix_steps=2000 lora_steps=3500``, 2388 s): held out yes/no 72.9%, choices 81.1%; further left 94%, right
-78%, above 89% (choices); yes/no left of 54%, right of 53%, depth 89-93%. On a validation split (seed 80001, 1487
-questions): 67.9% / 77.2% against the committed adapter's 71.4% / 69.9%. The same stage e with TrainConfig seed 1
-(stage ef on the same data and base): 50.2% / 58.4%. Its first phase is the weak one seed 1 gives (left of 60%, in
-front of 72%, yes/no 50.9% over all relations), the left/right phase learned no flip from there (49% / 53%), and
-the depth flip never came back. The committed second phase from that same first phase (seed 1, 6000 steps): 69.8% /
-56.8% (depth 84-90%, left/right 56% / 52%). So the schedule raised the choices once and failed once; the options stay
-off. The base rebuilt bit for bit (identical weights); the adapter stage did not (see ``lora_threads``).
-With the adapter on, counting falls from 95% to 0%. Rehearsing the base records in the second phase (base.jsonl at
-weight 0.3 beside all : canonical 1 : 1; 2000 steps from the committed first phase) kept it (count 92.8%, describe
-2.8%) but the converse flip did not start: yes/no 52.2%, choices 52.8% (behind 42%, farther 20%, right of 30%),
-against 69.1% / 58.4% without it after the same 2000 steps. Not adopted. As a third phase instead, from the
-committed adapter (all : canonical : base 1 : 1 : 0.3, 500 steps at 5e-4): count 61.6%, yes/no 73.7%, choices 65.7%;
-1 : 1 : 0.5, 1000 steps: count 86.0%, describe 3.2%, yes/no 73.9%, choices 66.7% (committed 0% / 75.1% / 69.9%).
-That is the lead for an adapter that keeps counting; it needs a recipe option and a rebuild before it counts.
+Status (2026-11-27): the targets are NOT met (held out with the adapter: yes/no 76.6%, choices 74.5%; targets 90% /
+80%; base 50.1% / 43.8%). Why each option exists, the numbers behind its default, what was tried and dropped, and
+what limits the model now: docs/EMBEDDED_MODEL.md.
 """
 from __future__ import annotations
 
@@ -224,7 +110,7 @@ class Recipe:
     # loses its flip; trained alone it learns it (yes/no left of 82%, right of 81% after 2000 steps). 0 = skip.
     # Off: 2000 + 2000 (and lora_steps 3500) rebuilt end to end gave held-out yes/no 72.9%, choices 81.1% with
     # TrainConfig seed 0, but 50.2% / 58.4% with seed 1, whose weaker canonical phase the left/right phase did not
-    # build on (module notes, runs/S9).
+    # build on (docs/EMBEDDED_MODEL.md, runs/S9).
     lora_lateral_steps: int = 0
     lora_lateral_mix_steps: int = 0
     # > 0 (after a canonical phase): one more phase after the last one (at ``lora_second_lr``), on its mix plus the
@@ -234,6 +120,12 @@ class Recipe:
     # (runs/S9): before the rehearsal 75.2% / 70.9%, after it 74.5% / 67.7%, count 82.8%. Off until that trade is decided.
     lora_rehearsal_steps: int = 0
     lora_rehearsal_weight: float = 0.5
+    # > 0 (after a canonical phase): a short phase after the one on all relations (before any rehearsal), on its
+    # mix plus the left/right records at weight 1, at ``lora_second_lr``. The long phase leaves left/right behind the
+    # depth relations; 1000 steps of this from the adapter committed before it (runs/S10): held out yes/no 75.1% ->
+    # 76.6%, choices 69.9% -> 74.5%; validation (seed 80001) 71.4% -> 72.5%, 69.9% -> 73.1% (right of 45% -> 60%).
+    # The control, 1000 more steps on the long phase's own mix: 75.1% / 73.5% held out, 71.6% / 67.5% validation.
+    lora_lateral_polish_steps: int = 1000
     lora_r: int = 16
     lora_alpha: float = 32
     lora_vision: bool = True
@@ -537,16 +429,21 @@ def _build(out_models: str, work: str, r: Recipe, stages: str) -> dict:
                                    "base model + spatial adapter")
         times["f_eval"] = time.time() - t
     # A partial rerun (e.g. --stages f) keeps the timings measured for the stages it skipped.
+    # Its ``notes`` (e.g. where the kept timings were measured) are kept too.
     prev_path = os.path.join(work, "build_summary.json")
+    notes: list = []
     if stages != "abcdef" and os.path.isfile(prev_path):
         with open(prev_path) as f:
-            prev = json.load(f).get("times_s", {})
+            prev_summary = json.load(f)
+        prev, notes = prev_summary.get("times_s", {}), list(prev_summary.get("notes", []))
         times = {**{k: v for k, v in prev.items() if k != "total"}, **times}
         times["total"] = sum(v for k, v in times.items() if k != "total")
     else:
         times["total"] = time.time() - t_all
     summary = {"recipe": asdict(r), "times_s": {k: round(v, 1) for k, v in times.items()}, "reports": reports,
                "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch_threads": threads}}
+    if notes:
+        summary["notes"] = notes
     with open(os.path.join(work, "build_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if "f" in stages and out_models:
@@ -556,7 +453,8 @@ def _build(out_models: str, work: str, r: Recipe, stages: str) -> dict:
 
 def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
     """Stage e's training runs: [canonical phase, [left/right alone,] [left/right mixed in,]] the phase on all
-    relations [, then base-record rehearsal]; the last writes ``lora_dir``, each continues the one before it."""
+    relations [, the left/right polish] [, base-record rehearsal]; the last writes ``lora_dir``, each continues the
+    one before it."""
     from .trainer import TrainConfig
 
     saved, targets = lora_modules(r)
@@ -587,11 +485,18 @@ def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
     relations = [(train["spatial"], 1)] + ([(train["spatial_canonical"], r.lora_canonical_mix)]
                                            if r.lora_canonical_mix > 0 else [])
     last = weighted(*relations) if len(relations) > 1 else [train["spatial"]]
-    if r.lora_rehearsal_steps <= 0:
-        return phases + [phase(last, lora_dir, r.lora_steps, second_lr, phases[-1].out)]
-    phases.append(phase(last, lora_dir + "_relations", r.lora_steps, second_lr, phases[-1].out))
-    rehearsal = weighted(*relations, (train["base"], r.lora_rehearsal_weight))
-    return phases + [phase(rehearsal, lora_dir, r.lora_rehearsal_steps, second_lr, phases[-1].out)]
+    # What follows the phase on all relations (each optional): the left/right polish, then the rehearsal.
+    after = []
+    if r.lora_lateral_polish_steps > 0:
+        polish = weighted(*relations, (train["spatial_lateral"], 1))
+        after.append((polish, "_polish", r.lora_lateral_polish_steps))
+    if r.lora_rehearsal_steps > 0:
+        after.append((weighted(*relations, (train["base"], r.lora_rehearsal_weight)), "", r.lora_rehearsal_steps))
+    phases.append(phase(last, lora_dir + ("_relations" if after else ""), r.lora_steps, second_lr, phases[-1].out))
+    for k, (specs, suffix, steps) in enumerate(after):
+        out = lora_dir if k == len(after) - 1 else lora_dir + suffix
+        phases.append(phase(specs, out, steps, second_lr, phases[-1].out))
+    return phases
 
 
 def lora_modules(r: Recipe) -> tuple[list[str], list[str]]:
@@ -648,6 +553,13 @@ def _lateral_words(r: dict) -> str:
     return "".join(words)
 
 
+def _polish_words(r: dict) -> str:
+    """EVAL.md's words for the left/right polish phase (absent from recipes written before it)."""
+    if not r.get("lora_lateral_polish_steps"):
+        return ""
+    return f", then with the left/right records mixed in once more, {r['lora_lateral_polish_steps']} steps"
+
+
 def _rehearsal_words(r: dict) -> str:
     """EVAL.md's words for the optional base-record rehearsal phase."""
     if not r.get("lora_rehearsal_steps"):
@@ -702,7 +614,7 @@ def eval_markdown(summary: dict) -> str:
         f"`{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}` (PEFT adapter trained on relation yes/no + choice questions"
         + _adapter_shape_words(r)
         + (f"; one direction of each relation first, {r['lora_canonical_steps']} steps, "
-           + _lateral_words(r) + f"then all, {r['lora_steps']} steps" + _rehearsal_words(r)
+           + _lateral_words(r) + f"then all, {r['lora_steps']} steps" + _polish_words(r) + _rehearsal_words(r)
            if r.get("lora_canonical_steps") else "") + "), "
         f"evaluated on {r['eval_scenes']} held-out synthetic scenes (seed {r['eval_seed']}; training seed {r['train_seed']}).",
         "yes/no: P(yes) vs P(no) of the first answer token; choice: highest answer likelihood; describe/count: greedy exact match.",
@@ -733,6 +645,10 @@ def eval_markdown(summary: dict) -> str:
         f"{summary['host']['cpus']} CPU cores ({summary['host']['machine']}): "
         + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + ".",
         "",
+    ]
+    if summary.get("notes"):
+        lines += [" ".join(summary["notes"]), ""]
+    lines += [
         "Recipe: " + ", ".join(f"{k}={v}" for k, v in r.items()) + ".",
         "",
     ]
