@@ -115,9 +115,11 @@ class Recipe:
     lora_lateral_mix_steps: int = 0
     # > 0 (after a canonical phase): one more phase after the last one (at ``lora_second_lr``), on its mix plus the
     # base's records (describe / count / presence) at ``lora_rehearsal_weight``. The adapter's full layer copies,
-    # trained on relations only, forget counting (95% -> 0% held out); 1000 steps at 0.5 from the committed adapter
-    # brought it back to 86% (yes/no 73.9%, choices 66.7%; committed 75.1% / 69.9%). Stage e rebuilt with 1000 here
-    # (runs/S9): before the rehearsal 75.2% / 70.9%, after it 74.5% / 67.7%, count 82.8%. Off until that trade is decided.
+    # trained on relations only, forget counting (95% -> 0% held out); 1000 steps at 0.5 from the adapter committed
+    # then brought it back to 86% (yes/no 73.9%, choices 66.7%; committed 75.1% / 69.9%). Stage e rebuilt with 1000 here
+    # (runs/S9): before the rehearsal 75.2% / 70.9%, after it 74.5% / 67.7%, count 82.8%. Off: mixed into the polish below
+    # (one 1000-step phase with both) it gave 72.6% / 67.7%, count 79%, against the polish alone 76.6% / 74.5%; as a
+    # phase after the polish it is untried.
     lora_rehearsal_steps: int = 0
     lora_rehearsal_weight: float = 0.5
     # > 0 (after a canonical phase): a short phase after the one on all relations (before any rehearsal), on its
