@@ -127,6 +127,9 @@ class Recipe:
     # depth relations; 1000 steps of this from the adapter committed before it (runs/S10): held out yes/no 75.1% ->
     # 76.6%, choices 69.9% -> 74.5%; validation (seed 80001) 71.4% -> 72.5%, 69.9% -> 73.1% (right of 45% -> 60%).
     # The control, 1000 more steps on the long phase's own mix: 75.1% / 73.5% held out, 71.6% / 67.5% validation.
+    # The whole stage rerun with it: over its own control +1.3 / +0.8 yes/no (held out / validation), left/right yes/no
+    # +4 on validation, but over stopping after the long phase +0.9 / -0.4 held out, -1.4 / -3.4 validation. Kept for
+    # the left/right balance; about neutral overall (docs/EMBEDDED_MODEL.md).
     lora_lateral_polish_steps: int = 1000
     lora_r: int = 16
     lora_alpha: float = 32
