@@ -490,16 +490,17 @@ def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
     relations = [(train["spatial"], 1)] + ([(train["spatial_canonical"], r.lora_canonical_mix)]
                                            if r.lora_canonical_mix > 0 else [])
     last = weighted(*relations) if len(relations) > 1 else [train["spatial"]]
-    # What follows the phase on all relations (each optional): the left/right polish, then the rehearsal.
+    # What follows the phase on all relations (each optional): the left/right polish, then the rehearsal. Every
+    # phase but the last writes its own folder (named by its suffix); the last writes ``lora_dir``.
     after = []
     if r.lora_lateral_polish_steps > 0:
-        polish = weighted(*relations, (train["spatial_lateral"], 1))
-        after.append((polish, "_polish", r.lora_lateral_polish_steps))
+        after.append((weighted(*relations, (train["spatial_lateral"], 1)), "_polish", r.lora_lateral_polish_steps))
     if r.lora_rehearsal_steps > 0:
-        after.append((weighted(*relations, (train["base"], r.lora_rehearsal_weight)), "", r.lora_rehearsal_steps))
-    phases.append(phase(last, lora_dir + ("_relations" if after else ""), r.lora_steps, second_lr, phases[-1].out))
-    for k, (specs, suffix, steps) in enumerate(after):
-        out = lora_dir if k == len(after) - 1 else lora_dir + suffix
+        after.append((weighted(*relations, (train["base"], r.lora_rehearsal_weight)), "_rehearsal",
+                      r.lora_rehearsal_steps))
+    chain = [(last, "_relations", r.lora_steps)] + after
+    for k, (specs, suffix, steps) in enumerate(chain):
+        out = lora_dir if k == len(chain) - 1 else lora_dir + suffix
         phases.append(phase(specs, out, steps, second_lr, phases[-1].out))
     return phases
 
