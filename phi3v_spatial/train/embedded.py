@@ -477,31 +477,32 @@ def adapter_phases(r: Recipe, data: dict, base_dir: str, lora_dir: str) -> list:
         return [phase([data["train"]["spatial"]], lora_dir, r.lora_steps, r.lora_lr, None)]
     train = data["train"]
     second_lr = r.lora_second_lr if r.lora_second_lr is not None else r.lora_lr
-    phases = [phase([train["spatial_canonical"]], lora_dir + "_canonical", r.lora_canonical_steps, r.lora_lr, None)]
-    if r.lora_lateral_steps > 0:
-        phases.append(phase([train["spatial_lateral"]], lora_dir + "_lateral", r.lora_lateral_steps, second_lr,
-                            phases[-1].out))
+
     def weighted(*pairs):  # data specs "path:weight"
         return [f"{path}:{w:g}" for path, w in pairs]
 
-    if r.lora_lateral_mix_steps > 0:
-        mixed = weighted((train["spatial"], 1), (train["spatial_canonical"], 1), (train["spatial_lateral"], 1))
-        phases.append(phase(mixed, lora_dir + "_lateral_mix", r.lora_lateral_mix_steps, second_lr, phases[-1].out))
     relations = [(train["spatial"], 1)] + ([(train["spatial_canonical"], r.lora_canonical_mix)]
                                            if r.lora_canonical_mix > 0 else [])
-    last = weighted(*relations) if len(relations) > 1 else [train["spatial"]]
-    # What follows the phase on all relations (each optional): the left/right polish, then the rehearsal. Every
-    # phase but the last writes its own folder (named by its suffix); the last writes ``lora_dir``.
-    after = []
+    # (data specs, folder suffix, steps, peak lr) of each phase that runs, in order.
+    chain = [([train["spatial_canonical"]], "_canonical", r.lora_canonical_steps, r.lora_lr)]
+    if r.lora_lateral_steps > 0:
+        chain.append(([train["spatial_lateral"]], "_lateral", r.lora_lateral_steps, second_lr))
+    if r.lora_lateral_mix_steps > 0:
+        mixed = weighted((train["spatial"], 1), (train["spatial_canonical"], 1), (train["spatial_lateral"], 1))
+        chain.append((mixed, "_lateral_mix", r.lora_lateral_mix_steps, second_lr))
+    chain.append((weighted(*relations) if len(relations) > 1 else [train["spatial"]], "_relations", r.lora_steps,
+                  second_lr))
     if r.lora_lateral_polish_steps > 0:
-        after.append((weighted(*relations, (train["spatial_lateral"], 1)), "_polish", r.lora_lateral_polish_steps))
+        chain.append((weighted(*relations, (train["spatial_lateral"], 1)), "_polish", r.lora_lateral_polish_steps,
+                      second_lr))
     if r.lora_rehearsal_steps > 0:
-        after.append((weighted(*relations, (train["base"], r.lora_rehearsal_weight)), "_rehearsal",
-                      r.lora_rehearsal_steps))
-    chain = [(last, "_relations", r.lora_steps)] + after
-    for k, (specs, suffix, steps) in enumerate(chain):
+        chain.append((weighted(*relations, (train["base"], r.lora_rehearsal_weight)), "_rehearsal",
+                      r.lora_rehearsal_steps, second_lr))
+    # Every phase but the last writes its own folder (named by its suffix); the last writes ``lora_dir``.
+    phases = []
+    for k, (specs, suffix, steps, lr) in enumerate(chain):
         out = lora_dir if k == len(chain) - 1 else lora_dir + suffix
-        phases.append(phase(specs, out, steps, second_lr, phases[-1].out))
+        phases.append(phase(specs, out, steps, lr, phases[-1].out if phases else None))
     return phases
 
 
