@@ -2,7 +2,8 @@
 
 ROS-free on purpose: the node feeds it the fields of ``sensor_msgs/Image`` / ``CompressedImage``
 and bag replay feeds it the same fields read by ``rosbags``, so both decode frames identically.
-No cv_bridge (the PyPI one breaks with OpenCV 5 / NumPy >= 2.3); raw encodings are plain numpy.
+No cv_bridge (the PyPI one breaks with OpenCV 5 / NumPy >= 2.3): RGB/mono encodings are plain numpy,
+Bayer and YUV go through ``cv2.cvtColor`` (imported only when such a frame arrives).
 """
 from __future__ import annotations
 
@@ -26,6 +27,35 @@ _COLOR_ENCODINGS = {
     "8UC3": (3, np.uint8, "bgr"),    # OpenCV's default channel order, as cv_bridge assumes
     "8UC4": (4, np.uint8, "bgra"),
     "mono16": (1, np.uint16, "mono16"),
+    # Bayer mosaics (1 value per pixel) and YUV, demosaiced/converted by OpenCV (codes in _CV_CODES)
+    "bayer_rggb8": (1, np.uint8, "bayer"),
+    "bayer_bggr8": (1, np.uint8, "bayer"),
+    "bayer_gbrg8": (1, np.uint8, "bayer"),
+    "bayer_grbg8": (1, np.uint8, "bayer"),
+    "bayer_rggb16": (1, np.uint16, "bayer16"),
+    "bayer_bggr16": (1, np.uint16, "bayer16"),
+    "bayer_gbrg16": (1, np.uint16, "bayer16"),
+    "bayer_grbg16": (1, np.uint16, "bayer16"),
+    "yuv422": (2, np.uint8, "yuv422"),       # UYVY byte order (the older ROS name)
+    "uyvy": (2, np.uint8, "yuv422"),         # the same, under its current ROS name
+    "yuv422_yuy2": (2, np.uint8, "yuv422"),  # YUYV byte order (the older ROS name)
+    "yuyv": (2, np.uint8, "yuv422"),         # the same, under its current ROS name
+    # 4:2:0 semi-planar: height rows of Y, then height/2 rows of interleaved chroma, all `step` bytes wide
+    "nv21": (1, np.uint8, "yuv420sp"),
+    "nv12": (1, np.uint8, "yuv420sp"),
+}
+# encoding -> name of its cv2.COLOR_* code (a name, because cv2 is only imported when such a frame arrives).
+# OpenCV names a Bayer pattern by the 2x2 block that starts at pixel (1, 1), not (0, 0), so its names are the
+# ROS/sensor names shifted one row and one column: rggb -> BG, bggr -> RG, gbrg -> GR, grbg -> GB (as cv_bridge maps).
+# YUV uses OpenCV's conversion (BT.601, video range Y 16..235), as cv_bridge does.
+_CV_CODES = {
+    "bayer_rggb8": "COLOR_BayerBG2RGB", "bayer_rggb16": "COLOR_BayerBG2RGB",
+    "bayer_bggr8": "COLOR_BayerRG2RGB", "bayer_bggr16": "COLOR_BayerRG2RGB",
+    "bayer_gbrg8": "COLOR_BayerGR2RGB", "bayer_gbrg16": "COLOR_BayerGR2RGB",
+    "bayer_grbg8": "COLOR_BayerGB2RGB", "bayer_grbg16": "COLOR_BayerGB2RGB",
+    "yuv422": "COLOR_YUV2RGB_UYVY", "uyvy": "COLOR_YUV2RGB_UYVY",
+    "yuv422_yuy2": "COLOR_YUV2RGB_YUY2", "yuyv": "COLOR_YUV2RGB_YUY2",
+    "nv21": "COLOR_YUV2RGB_NV21", "nv12": "COLOR_YUV2RGB_NV12",
 }
 # Depth images are valid camera data, just not something the VLM can look at.
 DEPTH_ENCODINGS = ("16UC1", "32FC1", "16SC1", "32SC1", "64FC1")
@@ -71,8 +101,8 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
                max_pixels: int | None = None) -> np.ndarray:
     """Decode the fields of a ``sensor_msgs/Image`` into a fresh RGB uint8 HxWx3 array.
 
-    mono16 is scaled to 8 bit by dropping the low byte (value / 256), as cv_bridge does; row padding
-    (``step`` larger than a row) is honoured.
+    mono16 and 16-bit Bayer are scaled to 8 bit by dropping the low byte (value / 256), as cv_bridge does;
+    row padding (``step`` larger than a row) is honoured, for nv21/nv12 on the chroma rows too.
     """
     enc = (encoding or "").strip()
     if not enc:
@@ -82,7 +112,8 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
         raise DepthImageIgnored(
             f"depth image (encoding '{enc}') ignored: the model needs colour or mono images; "
             f"point the request/image_topics at an RGB camera topic instead of a depth topic")
-    spec = _COLOR_ENCODINGS.get(enc) or _COLOR_ENCODINGS.get(enc.lower())
+    key = enc if enc in _COLOR_ENCODINGS else enc.lower()
+    spec = _COLOR_ENCODINGS.get(key)
     if spec is None:
         raise ImageDecodeError(
             f"unsupported image encoding '{encoding}'; supported: {', '.join(SUPPORTED_ENCODINGS)} "
@@ -92,6 +123,7 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
     if height <= 0 or width <= 0:
         raise ImageDecodeError(f"empty image: width={width}, height={height} (the camera sent no pixels)")
     _check_pixels(height, width, max_pixels)
+    _check_even(key, kind, height, width)
     itemsize = np.dtype(dtype).itemsize
     row_bytes = width * channels * itemsize
     if step < row_bytes:
@@ -102,13 +134,18 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
     nbytes = len(buf)
     if nbytes == 0:
         raise ImageDecodeError(f"empty image: {width}x{height} '{enc}' header but no pixel data")
-    if nbytes != step * height:
+    # 4:2:0 semi-planar frames carry height/2 chroma rows below the Y rows (ROS: height scaling 1.5)
+    rows = height + height // 2 if kind == "yuv420sp" else height
+    if nbytes != step * rows:
+        expected = "step x height" if rows == height else "step x (height x 3/2)"
         raise ImageDecodeError(
-            f"image data size mismatch: got {nbytes} bytes, expected step x height = {step} x {height} = "
-            f"{step * height} bytes for a {width}x{height} '{enc}' image")
-    arr = np.frombuffer(buf, dtype=np.uint8).reshape(height, step)[:, :row_bytes]
+            f"image data size mismatch: got {nbytes} bytes, expected {expected} = {step} x {rows} = "
+            f"{step * rows} bytes for a {width}x{height} '{enc}' image")
+    arr = np.frombuffer(buf, dtype=np.uint8).reshape(rows, step)[:, :row_bytes]
     if itemsize > 1:
         arr = np.ascontiguousarray(arr).view(np.dtype(dtype).newbyteorder(">" if is_bigendian else "<"))
+    if kind in ("bayer", "bayer16", "yuv422", "yuv420sp"):
+        return _cv_convert(key, kind, arr, rows, width, channels)
     arr = arr.reshape(height, width, channels)
     if kind == "rgb":
         out = arr.copy()
@@ -122,6 +159,35 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
         out = np.repeat(arr, 3, axis=2)
     else:  # mono16
         out = np.repeat((arr >> 8).astype(np.uint8), 3, axis=2)
+    return np.ascontiguousarray(out)
+
+
+def _check_even(enc: str, kind: str, height: int, width: int) -> None:
+    """Bayer cells and YUV chroma span 2 pixels: an odd size means the width/height/encoding fields are wrong."""
+    if kind in ("bayer", "bayer16"):
+        why, dims = "Bayer images are made of 2x2 colour cells", (("width", width), ("height", height))
+    elif kind == "yuv420sp":
+        why, dims = "one U/V pair covers 2x2 pixels", (("width", width), ("height", height))
+    elif kind == "yuv422":
+        why, dims = "one U/V pair covers 2 pixels of a row", (("width", width),)
+    else:
+        return
+    odd = [f"{name} {v}" for name, v in dims if v % 2]
+    if odd:
+        must = " and ".join(name for name, _ in dims)
+        raise ImageDecodeError(
+            f"'{enc}' image has an odd {' and '.join(odd)}: {why}, so the {must} must be even; "
+            f"check the camera's width/height/encoding settings")
+
+
+def _cv_convert(enc: str, kind: str, arr: np.ndarray, rows: int, width: int, channels: int) -> np.ndarray:
+    """Bayer/YUV rows (padding already cut off) -> RGB via cv2.cvtColor."""
+    import cv2  # imported here: only Bayer/YUV streams need OpenCV
+
+    if kind == "bayer16":
+        arr = (arr >> 8).astype(np.uint8)  # drop the low byte, as for mono16, then demosaic at 8 bit
+    src = arr.reshape(rows, width, channels) if channels > 1 else arr.reshape(rows, width)
+    out = cv2.cvtColor(np.ascontiguousarray(src), getattr(cv2, _CV_CODES[enc]))
     return np.ascontiguousarray(out)
 
 
