@@ -144,7 +144,7 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
     arr = np.frombuffer(buf, dtype=np.uint8).reshape(rows, step)[:, :row_bytes]
     if itemsize > 1:
         arr = np.ascontiguousarray(arr).view(np.dtype(dtype).newbyteorder(">" if is_bigendian else "<"))
-    if kind in ("bayer", "bayer16", "yuv422", "yuv420sp"):
+    if key in _CV_CODES:  # Bayer / YUV: OpenCV converts them
         return _cv_convert(key, kind, arr, rows, width, channels)
     arr = arr.reshape(height, width, channels)
     if kind == "rgb":
