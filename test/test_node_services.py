@@ -41,7 +41,9 @@ def client(node_proc):
     from phi3v_spatial.ros.messages import compressed_msg, image_msg
     from sensor_msgs.msg import CompressedImage
 
-    c = RosClient()
+    from phi3v_spatial_interfaces.action import Plan
+
+    c = RosClient(actions={"plan": (Plan, f"{NODE}/plan")})
     big = np.zeros((8000, 8000, 3), np.uint8)  # a real 8000x8000 frame (PNG keeps the transport small)
     big_png = compressed_msg(big, "png")
 
@@ -137,13 +139,9 @@ def test_set_adapter(client):
 
 
 def _send_plan(client, goal, feedback):
-    from rclpy.action import ActionClient
-    from phi3v_spatial_interfaces.action import Plan
-
-    if not hasattr(client, "_plan_client"):
-        client._plan_client = ActionClient(client.node, Plan, f"{NODE}/plan")
-        assert client._plan_client.wait_for_server(timeout_sec=20)
-    handle = client.wait(client._plan_client.send_goal_async(goal, feedback_callback=lambda m: feedback.append(m.feedback)), 30)
+    plan = client.actions["plan"]
+    assert plan.wait_for_server(timeout_sec=20)
+    handle = client.wait(plan.send_goal_async(goal, feedback_callback=lambda m: feedback.append(m.feedback)), 30)
     assert handle.accepted
     return handle
 

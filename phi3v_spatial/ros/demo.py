@@ -108,6 +108,9 @@ def main() -> int:
 
     rclpy.init()
     node = rclpy.create_node("spatial_demo")
+    # Before the executor spins: rclpy 9.1.2's ActionClient registers with the node before it creates its lock,
+    # and an executor spinning on another thread that looks at it in between dies (AttributeError: '_lock').
+    plan_client = ActionClient(node, Plan, f"{NODE}/plan")
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
     spin = threading.Thread(target=executor.spin, daemon=True)
@@ -208,8 +211,7 @@ def main() -> int:
         a, b = scene.names[0], scene.names[1]
         _banner("~/plan action (both cameras; feedback streamed)")
         instruction = f"put the {a} next to the {b}"
-        client = ActionClient(node, Plan, f"{NODE}/plan")
-        if not client.wait_for_server(timeout_sec=30):
+        if not plan_client.wait_for_server(timeout_sec=30):
             raise RuntimeError("the ~/plan action server did not appear")
         last = [0]
 
@@ -230,7 +232,7 @@ def main() -> int:
             holder["handle"] = fut.result()
             holder["handle"].get_result_async().add_done_callback(lambda f: (holder.update(result=f.result()), done.set()))
 
-        client.send_goal_async(Plan.Goal(instruction=instruction), feedback_callback=on_feedback).add_done_callback(on_goal)
+        plan_client.send_goal_async(Plan.Goal(instruction=instruction), feedback_callback=on_feedback).add_done_callback(on_goal)
         if not done.wait(600):
             raise RuntimeError("plan: no result")
         result = holder["result"].result
