@@ -26,16 +26,16 @@ _COLOR_ENCODINGS = {
     "8UC1": (1, np.uint8, "mono"),
     "8UC3": (3, np.uint8, "bgr"),    # OpenCV's default channel order, as cv_bridge assumes
     "8UC4": (4, np.uint8, "bgra"),
-    "mono16": (1, np.uint16, "mono16"),
+    "mono16": (1, np.uint16, "mono"),
     # Bayer mosaics (1 value per pixel) and YUV, demosaiced/converted by OpenCV (codes in _CV_CODES)
     "bayer_rggb8": (1, np.uint8, "bayer"),
     "bayer_bggr8": (1, np.uint8, "bayer"),
     "bayer_gbrg8": (1, np.uint8, "bayer"),
     "bayer_grbg8": (1, np.uint8, "bayer"),
-    "bayer_rggb16": (1, np.uint16, "bayer16"),
-    "bayer_bggr16": (1, np.uint16, "bayer16"),
-    "bayer_gbrg16": (1, np.uint16, "bayer16"),
-    "bayer_grbg16": (1, np.uint16, "bayer16"),
+    "bayer_rggb16": (1, np.uint16, "bayer"),
+    "bayer_bggr16": (1, np.uint16, "bayer"),
+    "bayer_gbrg16": (1, np.uint16, "bayer"),
+    "bayer_grbg16": (1, np.uint16, "bayer"),
     "yuv422": (2, np.uint8, "yuv422"),       # UYVY byte order (the older ROS name)
     "uyvy": (2, np.uint8, "yuv422"),         # the same, under its current ROS name
     "yuv422_yuy2": (2, np.uint8, "yuv422"),  # YUYV byte order (the older ROS name)
@@ -142,10 +142,11 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
             f"image data size mismatch: got {nbytes} bytes, expected {expected} = {step} x {rows} = "
             f"{step * rows} bytes for a {width}x{height} '{enc}' image")
     arr = np.frombuffer(buf, dtype=np.uint8).reshape(rows, step)[:, :row_bytes]
-    if itemsize > 1:
+    if itemsize > 1:  # 16 bit (mono16, Bayer): keep the high byte (value / 256), as cv_bridge does
         arr = np.ascontiguousarray(arr).view(np.dtype(dtype).newbyteorder(">" if is_bigendian else "<"))
+        arr = (arr >> 8).astype(np.uint8)
     if key in _CV_CODES:  # Bayer / YUV: OpenCV converts them
-        return _cv_convert(key, kind, arr, rows, width, channels)
+        return _cv_convert(key, arr, rows, width, channels)
     arr = arr.reshape(height, width, channels)
     if kind == "rgb":
         out = arr.copy()
@@ -155,16 +156,14 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, *, is_bi
         out = arr[:, :, :3].copy()
     elif kind == "bgra":
         out = arr[:, :, 2::-1].copy()
-    elif kind == "mono":
+    else:  # mono8 / mono16 (already scaled to 8 bit)
         out = np.repeat(arr, 3, axis=2)
-    else:  # mono16
-        out = np.repeat((arr >> 8).astype(np.uint8), 3, axis=2)
     return np.ascontiguousarray(out)
 
 
 def _check_even(enc: str, kind: str, height: int, width: int) -> None:
     """Bayer cells and YUV chroma span 2 pixels: an odd size means the width/height/encoding fields are wrong."""
-    if kind in ("bayer", "bayer16"):
+    if kind == "bayer":
         why, dims = "Bayer images are made of 2x2 colour cells", (("width", width), ("height", height))
     elif kind == "yuv420sp":
         why, dims = "one U/V pair covers 2x2 pixels", (("width", width), ("height", height))
@@ -180,12 +179,10 @@ def _check_even(enc: str, kind: str, height: int, width: int) -> None:
             f"check the camera's width/height/encoding settings")
 
 
-def _cv_convert(enc: str, kind: str, arr: np.ndarray, rows: int, width: int, channels: int) -> np.ndarray:
-    """Bayer/YUV rows (padding already cut off) -> RGB via cv2.cvtColor."""
+def _cv_convert(enc: str, arr: np.ndarray, rows: int, width: int, channels: int) -> np.ndarray:
+    """Bayer/YUV rows (padding cut off, 16 bit already scaled to 8) -> RGB via cv2.cvtColor."""
     import cv2  # imported here: only Bayer/YUV streams need OpenCV
 
-    if kind == "bayer16":
-        arr = (arr >> 8).astype(np.uint8)  # drop the low byte, as for mono16, then demosaic at 8 bit
     src = arr.reshape(rows, width, channels) if channels > 1 else arr.reshape(rows, width)
     out = cv2.cvtColor(np.ascontiguousarray(src), getattr(cv2, _CV_CODES[enc]))
     return np.ascontiguousarray(out)
