@@ -161,3 +161,72 @@ def test_init_adapter_errors_are_clear(setup, tmp_path):
         train(_cfg(setup, tmp_path / "x", init_adapter=str(tmp_path)))
     with pytest.raises(ValueError, match="cannot be combined with --full"):
         train(_cfg(setup, tmp_path / "y", full=True, init_adapter=str(tmp_path)))
+
+
+def test_geometry_loss_falls_and_its_heads_continue_into_the_next_phase(setup, tmp_path):
+    """--geometry-weight: the heads' error falls, they are saved beside the adapter (which stays a plain PEFT
+    adapter the node loads), and a next phase (--init-adapter) starts from them instead of fresh heads."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "geo1"
+    summary = train(_cfg(setup, first, steps=12, geometry_weight=1.0, geometry_layers=(1, 2), log_every=1))
+    log = [json.loads(line) for line in open(first / "train_log.jsonl")]
+    mse = [sum(x["geometry_mse"].values()) for x in log]
+    assert set(log[0]["geometry_mse"]) == {"name", "answer"}
+    assert mse[-1] < 0.6 * mse[0], mse
+    assert (first / "geometry_heads.safetensors").exists()
+    plain = tmp_path / "plain"
+    plain_summary = train(_cfg(setup, plain, steps=12, log_every=1))
+    assert plain_summary["trainable_params"] == summary["trainable_params"]   # the heads are not in the adapter
+    assert "geometry_mse" not in json.loads(open(plain / "train_log.jsonl").readline())
+    loss, _ = _mean_loss(setup["base"], setup["data"], adapter=str(first))
+    base_loss, _ = _mean_loss(setup["base"], setup["data"])
+    assert loss < base_loss
+
+    def second_phase(name):
+        out = tmp_path / name
+        train(_cfg(setup, out, steps=1, geometry_weight=1.0, geometry_layers=(1, 2), init_adapter=str(first),
+                   lr=1e-9, warmup_steps=0))
+        return load_file(str(out / "geometry_heads.safetensors"))
+
+    saved = load_file(str(first / "geometry_heads.safetensors"))
+    continued = second_phase("geo2")
+    os.remove(first / "geometry_heads.safetensors")
+    fresh = second_phase("geo3")
+    assert saved.keys() == continued.keys() == fresh.keys()
+    for k in saved:
+        torch.testing.assert_close(continued[k], saved[k], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(fresh[k], saved[k], atol=1e-3) for k in saved)
+
+
+def test_resume_with_the_geometry_loss_matches_an_uninterrupted_run(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(save_every=3, geometry_weight=1.0, geometry_layers=(1, 2))
+    full_run = tmp_path / "uninterrupted"
+    train(_cfg(setup, full_run, **kw))
+    cut = tmp_path / "interrupted"
+
+    def stop_at_5(step, loss):
+        if step == 5:
+            raise _Interrupt()
+
+    with pytest.raises(_Interrupt):
+        train(_cfg(setup, cut, **kw), on_step=stop_at_5)
+    assert train(_cfg(setup, cut, resume=True, **kw))["resumed_from_step"] == 3
+    for f in ("adapter_model.safetensors", "geometry_heads.safetensors"):
+        a, b = load_file(str(full_run / f)), load_file(str(cut / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # resuming a run that had no heads with the loss switched on is an error, not silently fresh heads
+    plain = tmp_path / "plain"
+    with pytest.raises(_Interrupt):
+        train(_cfg(setup, plain, save_every=3), on_step=stop_at_5)
+    with pytest.raises(RuntimeError, match="no geometry heads"):
+        train(_cfg(setup, plain, resume=True, **kw))
+
+
+def test_geometry_layers_are_checked(setup, tmp_path):
+    with pytest.raises(ValueError, match="--geometry-layers"):
+        train(_cfg(setup, tmp_path / "bad", geometry_weight=1.0, geometry_layers=(2, 99)))

@@ -9,7 +9,7 @@ feeds at inference, and learns to emit answer + ``<|end|>\\n<|endoftext|>``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +54,13 @@ class EncodedSample:
     labels: list[int]
     pixel_values: object = None     # tensor (n_images, crops, 3, H, W) or None
     image_sizes: object = None      # tensor (n_images, 2) or None
+    # Auxiliary geometry targets (``train.geometry``): (kind, position, target), kind GEOMETRY_NAME at an object
+    # name's last token (target: that object's features), GEOMETRY_ANSWER at the last prompt token (first-named
+    # minus second-named object's features).
+    geometry: list = field(default_factory=list)
+
+
+GEOMETRY_NAME, GEOMETRY_ANSWER = 0, 1
 
 
 def encode_prompt(processor, prompt: str, images: Sequence):
@@ -103,6 +110,11 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
         labels[i, :L] = lab
         attention[i, :L] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if any(s.geometry for s in samples):
+        for kind, key in ((GEOMETRY_NAME, "geometry_name"), (GEOMETRY_ANSWER, "geometry_answer")):
+            rows = [(i, pos, t) for i, s in enumerate(samples) for k, pos, t in s.geometry if k == kind]
+            batch[key + "_index"] = torch.tensor([[i, pos] for i, pos, _ in rows], dtype=torch.long).reshape(-1, 2)
+            batch[key + "_target"] = torch.tensor(np.array([t for _, _, t in rows], dtype=np.float32)).reshape(-1, 3)
     pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
     if pvs:
         batch["pixel_values"] = torch.cat([torch.as_tensor(p) for p in pvs], dim=0)
@@ -112,16 +124,44 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     return batch
 
 
+def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
+    """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
+    last token, and the last token of the turn (where the answer's first token is predicted). Positions are found
+    through the tokenizer's character offsets and checked against ``ids``; a turn whose tokens do not line up (or
+    whose record has no geometry) gets none."""
+    objs = geometry.question_objects(record, root) if geometry is not None else None
+    if not objs:
+        return []
+    from ..model.processing_phi3v import IMAGE_TAG
+
+    text = IMAGE_TAG.split(text)[-1]   # the processor tokenizes the text after the last image on its own
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    text_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    n, q0 = len(text_ids), text.rfind(record.question)
+    if q0 < 0 or n > len(ids) or list(ids[len(ids) - n:]) != text_ids:
+        return []
+    out = []
+    for name, feats in objs:
+        last_char = q0 + record.question.find(name) + len(name) - 1
+        j = next((j for j, (a, b) in enumerate(offsets) if a <= last_char < b), None)
+        if j is None:
+            return []
+        out.append((GEOMETRY_NAME, len(ids) - n + j, feats))
+    out.append((GEOMETRY_ANSWER, len(ids) - 1, objs[0][1] - objs[1][1]))
+    return out
+
+
 def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
-                        images: Sequence | None = None) -> EncodedSample:
+                        images: Sequence | None = None, geometry=None) -> EncodedSample:
     """Several records about the same images as one multi-turn chat, every answer learned.
 
     The first turn is exactly ``encode_record``'s prompt (what inference sends); each later record is a
     follow-up user turn, answered with ``answer<|end|>\\n``; ``<|endoftext|>`` closes only the last answer.
     One image encoding then carries several supervised answers, which is what lets a tiny model trained
-    from scratch learn question x image interactions within a CPU budget."""
+    from scratch learn question x image interactions within a CPU budget. ``geometry`` (a
+    ``train.geometry.SceneGeometry``) adds the auxiliary geometry targets of every turn that has them."""
     records = list(records)
-    if len(records) == 1:
+    if len(records) == 1 and geometry is None:
         return encode_record(processor, records[0], root, images)
     first = records[0]
     if images is None:
@@ -129,6 +169,7 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
     ids, pv, sizes = encode_prompt(processor, record_prompt(first), images)
     labels = [IGNORE_INDEX] * len(ids)
     tok = processor.tokenizer
+    aux = turn_geometry(tok, geometry, first, root, record_prompt(first), ids)
     eot = tok.convert_tokens_to_ids(prompts.ENDOFTEXT)
     for k, r in enumerate(records):
         tgt = target_ids(tok, r.answer)
@@ -142,7 +183,8 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
             nxt = list(tok(follow_up, add_special_tokens=False)["input_ids"])
             ids += nxt
             labels += [IGNORE_INDEX] * len(nxt)
-    return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes)
+            aux += turn_geometry(tok, geometry, records[k + 1], root, follow_up, ids)
+    return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes, geometry=aux)
 
 
 def _pair_key(record: SpatialRecord):
@@ -161,8 +203,10 @@ class SpatialCollator:
     two relation questions about the same pair of objects: "Is A left of B?" answered earlier in the text gives
     away "Is B left of A?", and the model would learn to read the chat instead of the image."""
 
-    def __init__(self, processor, turns: int = 1, items: Sequence[tuple[SpatialRecord, str]] | None = None):
+    def __init__(self, processor, turns: int = 1, items: Sequence[tuple[SpatialRecord, str]] | None = None,
+                 geometry=None):
         self.processor = processor
+        self.geometry = geometry
         self.pad_id = pad_id_of(processor.tokenizer)
         self.turns = max(1, int(turns))
         self._groups: dict = {}
@@ -176,6 +220,8 @@ class SpatialCollator:
 
     def encode(self, record: SpatialRecord, root: str) -> EncodedSample:
         if self.turns == 1:
+            if self.geometry is not None:
+                return encode_conversation(self.processor, [record], root, geometry=self.geometry)
             return encode_record(self.processor, record, root)
         key = (root, tuple(record.images))
         group = self._groups.get(key, [record])
@@ -189,7 +235,7 @@ class SpatialCollator:
                 continue
             chat.append(g)
             pairs.add(key)
-        return encode_conversation(self.processor, chat, root)
+        return encode_conversation(self.processor, chat, root, geometry=self.geometry)
 
     def __call__(self, items: Sequence[tuple[SpatialRecord, str]]) -> dict:
         return collate([self.encode(r, root) for r, root in items], self.pad_id)

@@ -50,6 +50,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # >1: pack up to this many records about the same images into one multi-turn chat (collator ``turns``)
     turns: int = 1
+    # > 0: the auxiliary geometry loss (``train.geometry``) at this weight, on synthetic two-object questions: a
+    # linear head on hidden_states[geometry_layers[0]] at each object name regresses that object's image position
+    # and apparent size, one on hidden_states[geometry_layers[1]] at the answer position their difference.
+    geometry_weight: float = 0.0
+    geometry_layers: tuple = (2, 3)
     # checkpoints
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -193,6 +198,26 @@ def make_scheduler(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _geometry_setup(cfg: TrainConfig, model, device):
+    """(heads, SceneGeometry) for ``cfg.geometry_weight`` > 0, else (None, None). The heads continue those saved
+    beside ``cfg.init_adapter`` when that phase used the same layers."""
+    if not cfg.geometry_weight or cfg.geometry_weight <= 0:
+        return None, None
+    from .geometry import SceneGeometry, make_geometry_heads
+
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    layers = tuple(int(x) for x in cfg.geometry_layers)
+    n = int(config.num_hidden_layers)
+    if len(layers) != 2 or not all(0 <= x <= n for x in layers):
+        raise ValueError(f"--geometry-layers {list(cfg.geometry_layers)}: need two hidden-state indices in 0..{n} "
+                         f"(0 = the embeddings, {n} = the last layer's output; this model has {n} layers)")
+    heads = make_geometry_heads(int(config.hidden_size), layers).to(device)
+    if cfg.init_adapter and heads.load(cfg.init_adapter):
+        print(f"geometry heads continued from {cfg.init_adapter}", flush=True)
+    heads.train()
+    return heads, SceneGeometry()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -221,7 +246,8 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, losses: list, keep: int) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, losses: list, keep: int,
+                    heads=None) -> str:
     """Everything a resumed run needs; written to a temp dir and renamed so a crash never leaves a
     half checkpoint that ``--resume`` would pick."""
     import torch
@@ -231,6 +257,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, l
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save(trainable_state(model), os.path.join(tmp, "trainable.pt"))
+    if heads is not None:
+        torch.save(heads.state_dict(), os.path.join(tmp, "geometry_heads.pt"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -252,10 +280,15 @@ def _jsonable(x):
     return x
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> tuple[int, list]:
+def load_checkpoint(path: str, model, optimizer, scheduler, sampler, heads=None) -> tuple[int, list]:
     import torch
 
     load_trainable_state(model, torch.load(os.path.join(path, "trainable.pt"), map_location="cpu"))
+    if heads is not None:
+        heads_path = os.path.join(path, "geometry_heads.pt")
+        if not os.path.isfile(heads_path):
+            raise RuntimeError(f"checkpoint {path} has no geometry heads; it was written without --geometry-weight")
+        heads.load_state_dict(torch.load(heads_path, map_location="cpu"))
     opt = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
@@ -352,13 +385,17 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     n_total = sum(p.numel() for p in model.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    heads, geometry = _geometry_setup(cfg, model, device)
+    if heads is not None:   # a training aid, not part of the model: no weight decay, not counted as trainable
+        no_decay += list(heads.parameters())
+        params = params + list(heads.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-7,
     )
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, max(0, steps - 1)), steps)
     collator = SpatialCollator(processor, turns=cfg.turns,
-                               items=[it for i in items for it in i] if cfg.turns > 1 else None)
+                               items=[it for i in items for it in i] if cfg.turns > 1 else None, geometry=geometry)
 
     os.makedirs(cfg.out, exist_ok=True)
     step, losses = 0, []
@@ -366,7 +403,7 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     if cfg.resume:
         ckpts = checkpoint_dirs(cfg.out)
         if ckpts:
-            step, losses = load_checkpoint(ckpts[-1], model, optimizer, scheduler, sampler)
+            step, losses = load_checkpoint(ckpts[-1], model, optimizer, scheduler, sampler, heads)
             resumed_from = step
             print(f"resumed from {ckpts[-1]} at step {step}/{steps}", flush=True)
         else:
@@ -385,18 +422,24 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     ema = losses[-1] if losses else None
     while step < steps:
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss, step_geometry = 0.0, {}
         for _ in range(cfg.grad_accum):
             picks = [sampler.next() for _ in range(cfg.batch_size)]
             batch = collator([items[d][i] for d, i in picks])
             batch = {k: v.to(device) for k, v in batch.items()}
+            targets = {k: batch.pop(k) for k in [k for k in batch if k.startswith("geometry_")]}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.float32 if not use_autocast else dtype)
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                out = model(**batch)
+                out = model(**batch, output_hidden_states=heads is not None)
             loss = out.loss / cfg.grad_accum
-            loss.backward()
             step_loss += float(loss.detach())
+            if heads is not None:
+                aux, parts = heads.loss(out.hidden_states, targets)
+                loss = loss + cfg.geometry_weight * aux / cfg.grad_accum
+                for k, v in parts.items():
+                    step_geometry[k] = step_geometry.get(k, 0.0) + v / cfg.grad_accum
+            loss.backward()
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -412,9 +455,10 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
         if step % max(1, cfg.log_every) == 0 or step == steps:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": step_loss, "loss_ema": ema,
-                                    "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                                    "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1),
+                                    **({"geometry_mse": step_geometry} if heads is not None else {})}) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints)
+            save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints, heads)
     if bar is not None:
         bar.close()
 
@@ -425,8 +469,10 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
         save_full(model, processor, cfg.out, cfg.save_dtype)
     else:
         save_adapter(model, cfg.out)
+    if heads is not None:   # beside the adapter, so a next phase (--init-adapter) continues them
+        heads.save(cfg.out)
     if cfg.save_every:   # the final state as a checkpoint too, so --resume with more --steps continues
-        save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints)
+        save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints, heads)
     summary = {"steps": step, "total_steps": steps, "resumed_from_step": resumed_from, "final_loss": losses[-1] if losses else None,
                "first_loss": losses[0] if losses else None, "trainable_params": n_trainable, "total_params": n_total,
                "seconds": round(time.time() - t0, 1), "device": str(device), "dtype": str(dtype).replace("torch.", "")}

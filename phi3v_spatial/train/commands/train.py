@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=int, default=50, help="warmup steps")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g = p.add_argument_group("auxiliary geometry loss (synthetic data only; train.geometry)")
+    g.add_argument("--geometry-weight", type=float, default=0.0, metavar="W",
+                   help="weight of the loss that makes hidden states regress each named object's image position and "
+                        "apparent size (from the scenes.jsonl beside synthetic records); 0 = off (default)")
+    g.add_argument("--geometry-layers", type=int, nargs=2, default=(2, 3), metavar=("NAME", "ANSWER"),
+                   help="hidden-state indices the two heads read: at object names, at the answer position (default 2 3)")
     g = p.add_argument_group("checkpoints and runtime")
     g.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: none)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
@@ -57,6 +63,7 @@ def config_from_args(args):
         max_grad_norm=args.max_grad_norm, save_every=args.save_every, keep_checkpoints=args.keep,
         resume=args.resume, seed=args.seed, device=args.device, dtype=args.dtype, num_crops=args.num_crops,
         gradient_checkpointing=args.gradient_checkpointing, save_dtype=args.save_dtype, progress=not args.no_progress,
+        geometry_weight=args.geometry_weight, geometry_layers=tuple(args.geometry_layers),
     )
 
 
