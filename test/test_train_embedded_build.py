@@ -17,7 +17,7 @@ def test_build_runs_canonical_then_left_right_phases_then_all_relations_then_the
                init_gain=1.0, align_steps=2, align_batch=4, base_steps=2, base_batch=4, lora_steps=3, lora_batch=4,
                lora_canonical_steps=2, lora_canonical_mix=0.5, lora_second_lr=1e-3, lora_r=4, lora_alpha=8,
                lora_lateral_steps=2, lora_lateral_mix_steps=1, lora_lateral_polish_steps=1,
-               base_types=("describe", "count", "presence"))
+               base_types=("describe", "count", "presence"), lora_geometry_layers=(1, 1))
     work = str(tmp_path / "work")
     before = torch.get_num_threads()
     build("", work, r, stages="abcde")
@@ -56,6 +56,12 @@ def test_build_runs_canonical_then_left_right_phases_then_all_relations_then_the
     assert sorted((x["weight"], x["records"]) for x in pol["sources"]) == sorted(
         [(0.5, len(canonical)), (1.0, len(spatial)), (1.0, len(lateral))])
     assert json.load(open(os.path.join(phase1, "training_args.json")))["lr"] == r.lora_lr
+    # every phase trains with the auxiliary geometry loss and hands its heads to the next one
+    for d in ("lora_canonical", "lora_lateral", "lora_lateral_mix", "lora_relations", "lora"):
+        targs = json.load(open(os.path.join(work, d, "training_args.json")))
+        assert targs["geometry_weight"] == r.lora_geometry_weight > 0 and list(targs["geometry_layers"]) == [1, 1]
+        assert os.path.isfile(os.path.join(work, d, "geometry_heads.safetensors"))
+        assert "geometry_mse" in json.loads(open(os.path.join(work, d, "train_log.jsonl")).readline())
     w1 = load_file(os.path.join(phase1, "adapter_model.safetensors"))
     w2 = load_file(os.path.join(final, "adapter_model.safetensors"))
     assert set(w1) == set(w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
@@ -76,6 +82,7 @@ def test_build_runs_canonical_then_left_right_phases_then_all_relations_then_the
     page = eval_markdown(rerun)
     assert "Stage e ran on another machine." in page
     assert "then all, 3 steps, then with the left/right records mixed in once more, 1 steps" in page
+    assert "auxiliary geometry loss at weight 0.5 (hidden states 1 at object names, 1 at the answer)" in page
 
 
 def test_adapter_phases_without_left_right_phases_are_canonical_then_all():
@@ -111,18 +118,23 @@ def test_rehearsal_phase_continues_the_relations_adapter_with_the_base_records_m
 
 
 def test_left_right_polish_follows_the_relations_phase_and_precedes_the_rehearsal():
-    """On by default: the phase on all relations hands over to the polish (its mix + the left/right records), which
-    writes lora_dir; with the rehearsal on too, the polish gets its own folder and the rehearsal comes last."""
+    """Off by default since the geometry loss (the default stage e: canonical phase, then all relations into
+    lora_dir, both with the loss). When on, the phase on all relations hands over to the polish (its mix + the
+    left/right records), which writes lora_dir; with the rehearsal on too, the polish gets its own folder and the
+    rehearsal comes last."""
     data = {"train": {"spatial": "s.jsonl", "spatial_canonical": "c.jsonl", "spatial_lateral": "l.jsonl",
                       "base": "b.jsonl"}}
-    r = Recipe(lora_second_lr=3e-4)
-    assert r.lora_lateral_polish_steps > 0
+    default = adapter_phases(Recipe(), data, "base", "out/lora")
+    assert [p.out for p in default] == ["out/lora_canonical", "out/lora"]
+    assert default[1].init_adapter == "out/lora_canonical" and default[1].data == ["s.jsonl:1", "c.jsonl:1"]
+    assert all(p.geometry_weight == Recipe().lora_geometry_weight > 0 for p in default)
+    r = Recipe(lora_second_lr=3e-4, lora_lateral_polish_steps=1000)
     phases = adapter_phases(r, data, "base", "out/lora")
     assert [p.out for p in phases] == ["out/lora_canonical", "out/lora_relations", "out/lora"]
     polish = phases[-1]
     assert polish.init_adapter == "out/lora_relations" and polish.steps == r.lora_lateral_polish_steps
     assert polish.data == ["s.jsonl:1", "c.jsonl:1", "l.jsonl:1"] and polish.lr == 3e-4
-    both = adapter_phases(Recipe(lora_rehearsal_steps=7), data, "base", "out/lora")
+    both = adapter_phases(Recipe(lora_rehearsal_steps=7, lora_lateral_polish_steps=1000), data, "base", "out/lora")
     assert [p.out for p in both] == ["out/lora_canonical", "out/lora_relations", "out/lora_polish", "out/lora"]
     assert both[-1].init_adapter == "out/lora_polish" and both[-1].data == ["s.jsonl:1", "c.jsonl:1", "b.jsonl:0.5"]
     assert [p.out for p in adapter_phases(Recipe(lora_canonical_steps=0), data, "b", "o")] == ["o"]
