@@ -35,8 +35,9 @@ def test_features_agree_with_every_clear_image_relation_label(synth):
         if r.type != "yesno":
             continue
         objs = geo.question_objects(r, root)
-        assert objs is not None and [n for n, _ in objs] == [r.subj, r.obj]
-        d = objs[0][1] - objs[1][1]
+        assert objs is not None and [n for _, n, _ in objs] == [r.subj, r.obj]
+        assert all(r.question[k:k + len(n)] == n for k, n, _ in objs)
+        d = objs[0][2] - objs[1][2]
         if r.relation in sign:
             k, s = sign[r.relation]
             assert (np.sign(d[k]) == s) == bool(r.label), (r.question, r.answer, d)

@@ -141,13 +141,13 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
     if q0 < 0 or n > len(ids) or list(ids[len(ids) - n:]) != text_ids:
         return []
     out = []
-    for name, feats in objs:
-        last_char = q0 + record.question.find(name) + len(name) - 1
+    for start, name, feats in objs:
+        last_char = q0 + start + len(name) - 1
         j = next((j for j, (a, b) in enumerate(offsets) if a <= last_char < b), None)
         if j is None:
             return []
         out.append((GEOMETRY_NAME, len(ids) - n + j, feats))
-    out.append((GEOMETRY_ANSWER, len(ids) - 1, objs[0][1] - objs[1][1]))
+    out.append((GEOMETRY_ANSWER, len(ids) - 1, objs[0][2] - objs[1][2]))
     return out
 
 

@@ -73,9 +73,10 @@ class SceneGeometry:
         return np.array([4.0 * (u / cam.width - 0.5), 4.0 * (v / cam.height - 0.5),
                          (np.log(apparent) - LOG_SIZE_CENTRE) / LOG_SIZE_SCALE], dtype=np.float32)
 
-    def question_objects(self, record: SpatialRecord, root: str) -> list[tuple[str, np.ndarray]] | None:
-        """The two objects a two-object relation question names, in the order the question names them, with their
-        features; None for other records (superlatives, counting, VSR, multi-image ...)."""
+    def question_objects(self, record: SpatialRecord, root: str) -> list[tuple[int, str, np.ndarray]] | None:
+        """The two objects a two-object relation question names, in the order the question names them: (where the
+        name starts in the question, name, features); None for other records (superlatives, counting, VSR,
+        multi-image ...)."""
         if record.type not in ("yesno", "choice") or not record.subj or not record.obj:
             return None
         if record.type == "choice" and len(record.choices) != 2:
@@ -84,11 +85,11 @@ class SceneGeometry:
         if any(k < 0 for k, _ in found) or found[0][0] == found[1][0]:
             return None
         out = []
-        for _, name in sorted(found):
+        for start, name in sorted(found):
             f = self.object_features(record, root, name)
             if f is None:
                 return None
-            out.append((name, f))
+            out.append((start, name, f))
         return out
 
 
