@@ -5,20 +5,21 @@ so those go through ``phi3v_spatial.engine.prompts``. Ambiguous pairs (``relatio
 asked; yes/no labels are balanced per scene and camera. "describe" lists objects sorted by name (colour
 first), never by position, so base pretraining cannot leak left/right into the model.
 
-Kinds: yesno, choice, open, quantitative (value + unit + relative tolerance), multiframe (needs motion),
-plan (answer = ``prompts.plan_answer(steps)``, steps also in ``plan``), describe, count.
+Kinds: yesno, choice, open (one object name), quantitative (value + unit + relative tolerance), multiframe (two
+frames of camera 0 with motion, or the two cameras' images), plan (``data.plans``: answer =
+``prompts.plan_reply(...)``, steps also in ``plan``), describe, count.
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import numpy as np
 
 from ..engine import prompts
 from .records import RECORD_TYPES, SpatialRecord
+from .plans import instruction_of, plan_records
 from .scene import (
-    CONVERSE, DEPTH_MARGIN_M, LATERAL_MARGIN_M, PALETTE, RELATIONS, SynthScene, camera_distance, distance,
+    CONVERSE, IMAGE_MARGIN_FRAC, PALETTE, RELATIONS, SynthScene, camera_distance, distance,
     relation_holds,
 )
 from .vsr import VSR_META_CATEGORIES
@@ -27,7 +28,7 @@ KINDS = RECORD_TYPES
 # "presence" and "locate" are opt-in (base pretraining of the embedded model), so default datasets are unchanged.
 DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate"))
 # Records per scene (per camera for the single-image kinds); presence asks about every palette colour.
-DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "plan": 1, "describe": 1, "count": 1,
+DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "multicamera": 1, "plan": 1, "describe": 1, "count": 1,
                   "presence": 6, "locate": 4}
 QUANT_TOLERANCE = 0.25  # relative
 MOTION_MARGIN_M = 0.2
@@ -65,8 +66,6 @@ QUANT_QUESTIONS = {
     "height": "How tall is the {a}?",
     "ratio": "How many times bigger is the {a} than the {b}?",
 }
-PLAN_RELATIONS = ("left of", "right of", "in front of", "behind")
-PLAN_INSTRUCTION = "Put the {a} {rel} the {b}."
 
 
 def caption(subj: str, relation: str, obj: str) -> str:
@@ -93,7 +92,7 @@ def _article(name: str) -> str:
 
 
 def _ctx(scene: SynthScene, camera: int, image: str, kind: str, j: int) -> dict:
-    return dict(id=f"synth-{scene.id}-c{camera}-{kind}-{j}", images=[image], type=kind, source="synth")
+    return dict(id=f"synth-{scene.id}-c{camera}-{kind}-{j}", images=[image], type=kind, source="synth", scene=scene.id)
 
 
 def _pair(rng: np.random.Generator, names: list[str]) -> tuple[str, str]:
@@ -189,7 +188,8 @@ def choice_records(scene: SynthScene, camera: int, image: str, rng: np.random.Ge
 
 
 def open_records(scene: SynthScene, camera: int, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
-    """"What is left of the red cube?" -> the objects for which it clearly holds (sorted by name) or "nothing"."""
+    """"What is left of the red cube?" -> the one object for which it clearly holds (asked only when exactly one
+    does and it clearly fails for every other), so the answer is an object name the model must read off the image."""
     names = sorted(scene.names)
     if len(names) < 2:
         return []
@@ -199,14 +199,13 @@ def open_records(scene: SynthScene, camera: int, image: str, rng: np.random.Gene
             rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
             ref = names[int(rng.integers(len(names)))]
             truth = {o: relation_holds(scene, o, rel, ref, 0, camera) for o in names if o != ref}
-            if any(v is None for v in truth.values()) or (rel, ref) in asked:
+            hits = [o for o, v in truth.items() if v]
+            if any(v is None for v in truth.values()) or len(hits) != 1 or (rel, ref) in asked:
                 continue
             asked.add((rel, ref))
-            hits = [o for o, v in truth.items() if v]
             out.append(SpatialRecord(**_ctx(scene, camera, image, "open", len(out)),
-                                     question=OPEN_QUESTION.format(rel=rel, ref=ref),
-                                     answer=_join(hits) if hits else "nothing", relation=rel, obj=ref,
-                                     meta_category=meta_category(rel)))
+                                     question=OPEN_QUESTION.format(rel=rel, ref=ref), answer=hits[0], relation=rel,
+                                     subj=hits[0], obj=ref, meta_category=meta_category(rel)))
             break
     return out
 
@@ -246,88 +245,111 @@ def quantitative_records(scene: SynthScene, camera: int, image: str, rng: np.ran
     return out
 
 
+def _motion_truths(scene: SynthScene, x: str) -> dict[str, bool | None]:
+    """Whether ``x`` clearly moved closer / farther / left / right in camera 0's images from the first frame to the
+    last (image motion: camera motion moves every object in the image); None when too small to call either way."""
+    last = scene.num_frames - 1
+    d = camera_distance(scene, x, last) - camera_distance(scene, x, 0)
+    du = float(scene.pixel(x, last)[0] - scene.pixel(x, 0)[0])
+    dx = float(scene.camera_position(x, last)[0] - scene.camera_position(x, 0)[0])
+    m = IMAGE_MARGIN_FRAC * scene.cameras[0][0].width
+
+    def signed(yes: bool, no: bool) -> bool | None:
+        return True if yes else (False if no else None)
+
+    return {
+        "closer to the camera": signed(d <= -MOTION_MARGIN_M, d >= -0.02),
+        "farther from the camera": signed(d >= MOTION_MARGIN_M, d <= 0.02),
+        "to the left": signed(du <= -m and dx <= -0.1, du >= -0.5 and dx >= -0.01),
+        "to the right": signed(du >= m and dx >= 0.1, du <= 0.5 and dx <= 0.01),
+    }
+
+
+MOTION_RELATIONS = ("left of", "right of", "in front of", "behind")
+
+
 def multiframe_records(scene: SynthScene, images: list[str], rng: np.random.Generator, n: int) -> list[SpatialRecord]:
-    """Questions over all frames of camera 0: which object moved; towards/away from or left/right of the camera."""
+    """Questions that need two frames of camera 0 (first and last): which object moved, did an object move closer /
+    farther / left / right (yes/no, labels balanced), towards or away, and whether a relation holds in the last
+    frame but not in the first. ``family``: "motion" or "relation change"."""
     if scene.num_frames < 2 or scene.motion == "none" or n <= 0:
         return []
     last = scene.num_frames - 1
+    frames = [images[0], images[last]]
     names = sorted(scene.names)
-    out = []
+    out: list[SpatialRecord] = []
 
-    def add(question, answer, choices, subj=""):
-        out.append(SpatialRecord(id=f"synth-{scene.id}-c0-multiframe-{len(out)}", images=list(images), type="multiframe",
-                                 source="synth", question=prompts.choice_question(question, choices), answer=answer,
-                                 choices=list(choices), subj=subj))
+    def add(question, answer, family, choices=(), subj="", obj="", relation="", label=None):
+        out.append(SpatialRecord(id=f"synth-{scene.id}-c0-multiframe-{len(out)}", images=list(frames),
+                                 type="multiframe", source="synth", scene=scene.id, family=family,
+                                 question=prompts.choice_question(question, choices) if choices else question,
+                                 answer=answer, choices=list(choices), subj=subj, obj=obj, relation=relation,
+                                 label=label))
 
-    if scene.motion == "object" and len(names) >= 2:
-        add(MOVED_QUESTION, scene.moving, names, scene.moving)
-    candidates = [scene.moving] if scene.motion == "object" else [names[int(i)] for i in rng.permutation(len(names))]
-    for x in candidates:
-        if len(out) >= n:
-            break
-        d = camera_distance(scene, x, last) - camera_distance(scene, x, 0)
-        dx = scene.camera_position(x, last)[0] - scene.camera_position(x, 0)[0]
-        du = scene.pixel(x, last)[0] - scene.pixel(x, 0)[0]
-        if abs(d) >= MOTION_MARGIN_M:
-            add(f"Is the {x} moving towards or away from the camera?", "away" if d > 0 else "towards", ["towards", "away"], x)
-        elif abs(dx) >= MOTION_MARGIN_M and np.sign(dx) == np.sign(du):
-            add(f"Is the {x} moving left or right?", "right" if dx > 0 else "left", ["left", "right"], x)
+    if scene.motion == "object" and len(names) >= 2 and rng.random() < 0.5:
+        add(MOVED_QUESTION, scene.moving, "motion", names, subj=scene.moving)
+    # A relation that holds in the last frame but not in the first: rare, so asked as a yes and a no together.
+    changes: dict[bool, list] = {True: [], False: []}
+    for a in names:
+        for b in names:
+            for rel in MOTION_RELATIONS if a != b else ():
+                first, end = relation_holds(scene, a, rel, b, 0), relation_holds(scene, a, rel, b, last)
+                if first is not None and end is not None:
+                    changes[bool(end and not first)].append((a, rel, b))
+    if changes[True] and changes[False] and rng.random() < 0.5 and n - len(out) >= 2:
+        for label in (1, 0):
+            a, rel, b = changes[bool(label)][int(rng.integers(len(changes[bool(label)])))]
+            add(f"Is the {a} {rel} the {b} in the last frame but not in the first? Answer yes or no.",
+                prompts.YES if label else prompts.NO, "relation change", subj=a, obj=b, relation=rel, label=label)
+    truths = {x: _motion_truths(scene, x) for x in names}
+    labels = ([1, 0] * n)[: max(0, n - len(out))]
+    rng.shuffle(labels)
+    for label in labels:
+        options = [(x, w) for x in names for w, v in truths[x].items() if v is bool(label)]
+        if not options:
+            continue
+        x, w = options[int(rng.integers(len(options)))]
+        if rng.random() < 0.3 and w in ("closer to the camera", "farther from the camera") and label:
+            add(f"Is the {x} moving towards or away from the camera?", "towards" if w.startswith("closer") else "away",
+                "motion", ["towards", "away"], subj=x)
+            continue
+        add(f"Did the {x} move {w}? Answer yes or no.", prompts.YES if label else prompts.NO, "motion", subj=x,
+            relation=w, label=label)
     return out[:n]
 
 
-def _moved_copy(scene: SynthScene, name: str, target_world: np.ndarray) -> SynthScene:
-    s = copy.copy(scene)
-    s.objects = [copy.copy(o) for o in scene.objects]
-    for o in s.objects:
-        if o.name == name:
-            o.positions = [np.asarray(target_world, dtype=np.float64)] + list(o.positions[1:])
-    return s
+TWO_CAMERA_ORDINALS = ("first", "second")
 
 
-def plan_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
-    """"Put the red cube left of the blue sphere." -> pick + place steps grounded in the scene (camera 0, frame 0).
-
-    The place target is beside the reference on the ground, checked free of other objects and verified with
-    ``relation_holds`` after the move; ``detail`` gives camera-frame x (right) and z (forward) in metres.
-    """
-    names = scene.names
-    if len(names) < 2:
+def two_camera_records(scene: SynthScene, images: list[str], rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """Questions about the two cameras' frame-0 images of one scene (``family`` "two cameras"): a relation in the
+    first or the second image (yes/no, balanced), and in which image a relation holds when it holds in one only."""
+    if scene.num_cameras < 2 or len(scene.names) < 2 or n <= 0:
         return []
-    cam = scene.cameras[0][0]
-    right = cam.R[0]
-    fwd = np.array([cam.R[2][0], cam.R[2][1], 0.0])
-    fwd /= np.linalg.norm(fwd)
-    out = []
-    for _ in range(n):
+    names = sorted(scene.names)
+    out: list[SpatialRecord] = []
+    labels = ([1, 0] * n)[:n]
+    rng.shuffle(labels)
+
+    def add(k: int, **kw):
+        out.append(SpatialRecord(id=f"synth-{scene.id}-cams-{len(out)}", images=list(images), type="multiframe",
+                                 source="synth", scene=scene.id, family="two cameras", about_image=k, **kw))
+
+    for label in labels:
         for _ in range(30):
-            a, b = _pair(rng, names)
-            rel = PLAN_RELATIONS[int(rng.integers(len(PLAN_RELATIONS)))]
-            if relation_holds(scene, a, rel, b) is True:
-                continue  # nothing to do
-            oa, ob = scene.object(a), scene.object(b)
-            gap = oa.radius + ob.radius + 0.15
-            axis = {"left of": -right, "right of": right, "in front of": -fwd, "behind": fwd}[rel]
-            gap = max(gap, (LATERAL_MARGIN_M if rel in ("left of", "right of") else DEPTH_MARGIN_M) + 0.1)
-            target = ob.positions[0] + axis * gap
-            target[2] = oa.dims[2] / 2  # placed on the ground
-            moved = _moved_copy(scene, a, target)
-            mo = moved.object(a)
-            if any(np.hypot(*(mo.positions[0][:2] - o.positions[0][:2])) < mo.radius + o.radius + 0.05
-                   for o in scene.objects if o.name != a):
+            a, b = (str(v) for v in rng.choice(names, size=2, replace=False))
+            rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
+            truth = [relation_holds(scene, a, rel, b, 0, c) for c in range(2)]
+            if rng.random() < 0.3 and None not in truth and truth[0] != truth[1]:
+                k = truth.index(True)
+                add(k, question=prompts.choice_question(f"In which image is the {a} {rel} the {b}?", TWO_CAMERA_ORDINALS),
+                    answer=TWO_CAMERA_ORDINALS[k], choices=list(TWO_CAMERA_ORDINALS), subj=a, obj=b, relation=rel)
+                break
+            k = int(rng.integers(2))
+            if truth[k] is None or truth[k] != bool(label):
                 continue
-            if relation_holds(moved, a, rel, b) is not True or cam.to_camera(target[None])[0][2] < 0.5:
-                continue
-            pa, pt = cam.to_camera(oa.positions[0][None])[0], cam.to_camera(target[None])[0]
-            steps = [
-                {"action": "pick", "target": a, "reference": "", "relation": "", "detail": f"at x={pa[0]:.1f} m, z={pa[2]:.1f} m"},
-                {"action": "place", "target": a, "reference": b, "relation": rel, "detail": f"at x={pt[0]:.1f} m, z={pt[2]:.1f} m"},
-            ]
-            steps = [{k: str(s.get(k, "")) for k in prompts.PLAN_STEP_FIELDS} for s in steps]
-            instruction = PLAN_INSTRUCTION.format(a=a, rel=rel, b=b)
-            out.append(SpatialRecord(id=f"synth-{scene.id}-c0-plan-{len(out)}", images=[image], type="plan", source="synth",
-                                     question=prompts.plan_request(instruction), answer=prompts.plan_answer(steps),
-                                     plan=steps, relation=rel, subj=a, obj=b, caption=caption(a, rel, b),
-                                     meta_category=meta_category(rel)))
+            add(k, question=f"In the {TWO_CAMERA_ORDINALS[k]} image, is the {a} {rel} the {b}? Answer yes or no.",
+                answer=prompts.YES if label else prompts.NO, subj=a, obj=b, relation=rel, label=label)
             break
     return out
 
@@ -372,9 +394,11 @@ def describe_answer(names: Sequence[str]) -> str:
 
 
 def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kinds: Sequence[str] | None = None,
-                  counts: dict[str, int] | None = None) -> list[SpatialRecord]:
+                  counts: dict[str, int] | None = None, plan_templates: str = "train") -> list[SpatialRecord]:
     """All question records for one scene. ``image_paths[camera][frame]`` as stored (a flat list = camera 0's
-    frames). Single-image kinds are asked of frame 0 of every camera; multiframe and plan use camera 0."""
+    frames). Single-image kinds are asked of frame 0 of every camera; plans and motion questions use camera 0;
+    two-camera questions (kind multiframe, ``counts["multicamera"]``) both cameras' frame 0. ``plan_templates``:
+    "train", or "all" to add the held-out instruction templates (evaluation data)."""
     kinds = list(DEFAULT_KINDS if kinds is None else kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -404,9 +428,11 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
         if "quantitative" in kinds:
             out += quantitative_records(scene, cam, img, rng, counts["quantitative"])
     if "plan" in kinds:
-        out += plan_records(scene, paths[0][0], rng, counts["plan"])
+        out += plan_records(scene, paths[0][0], rng, counts["plan"], templates=plan_templates)
     if "multiframe" in kinds and len(paths[0]) == scene.num_frames:
         out += multiframe_records(scene, paths[0], rng, counts["multiframe"])
+    if "multiframe" in kinds and len(paths) >= 2:
+        out += two_camera_records(scene, [paths[0][0], paths[1][0]], rng, counts["multicamera"])
     return out
 
 
@@ -440,9 +466,8 @@ def replay_entries(scene: SynthScene, rng: np.random.Generator, bag_start_ns: in
                             "topics": [camera_topic(0)[0]], "num_frames": 1,
                             "expect": [{"subject": r.subj, "relation": r.relation, "object": r.obj, "holds": bool(r.label)}
                                        for r in rels]})
-        for r in plan_records(scene, "", rng, 1):
-            entries.append({"id": f"{base}-plan", "at": at(first), "type": "plan",
-                            "instruction": PLAN_INSTRUCTION.format(a=r.subj, rel=r.relation, b=r.obj),
+        for r in plan_records(scene, "", rng, 1, families=["move"]):
+            entries.append({"id": f"{base}-plan", "at": at(first), "type": "plan", "instruction": instruction_of(r),
                             "topics": [camera_topic(0)[0]], "num_frames": 1, "expect": r.plan})
     for j, r in enumerate(multiframe_records(scene, [""] * scene.num_frames, rng, 2)):
         entries.append({"id": f"{base}-multiframe-{j}", "at": at(last), "type": "ask", "question": r.question,

@@ -41,6 +41,19 @@ class SpatialRecord:
     tolerance: float | None = None
     # Ground-truth plan steps (dicts with the PlanStep fields) for "plan" records.
     plan: list[dict] = field(default_factory=list)
+    # Plan records, for the executor's check (``data.executor``): the instruction family (move | refer | multistep |
+    # done | missing), the relations [subject, relation, object] that must hold in camera 0's view afterwards, the
+    # objects the plan may move (all others must stay put), and the named objects that are not in the scene.
+    family: str = ""
+    goal: list = field(default_factory=list)
+    movable: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    # Plan and multi-image records: "held-out" when the sentence template is one training never uses.
+    template: str = ""
+    # Which of the record's images a relation question is about (two-camera questions: "In the second image ...").
+    about_image: int = 0
+    # Synthetic records: the scene's id in ``scenes.jsonl`` beside the records file (its 3D ground truth).
+    scene: str = ""
     meta_category: str = ""
     source: str = ""
 

@@ -14,7 +14,7 @@ start_ns=SYNTH_EPOCH_NS, period_ns=FRAME_PERIOD_NS) -> SynthScene``
     ``.objects`` (``SynthObject``: ``name`` "<colour> <shape>", ``colour``, ``shape``, ``size`` (m, largest
     dimension), ``dims``, ``positions[frame]`` world centre), ``.cameras[camera][frame]`` (``Camera``: fx, fy,
     cx, cy, R, t with ``x_cam = R @ x_world + t``), ``.stamps_ns[frame]`` (5 Hz by default).
-``scene_records(scene, image_paths, rng, kinds=None, counts=None) -> list[SpatialRecord]``
+``scene_records(scene, image_paths, rng, kinds=None, counts=None, plan_templates="train") -> list[SpatialRecord]``
     Question records (see ``questions.py``); ``image_paths[camera][frame]`` (or a flat list for camera 0).
 ``generate_dataset(out_dir, num, seed, frames=1, cameras=1, size=(160, 120), kinds=None, num_objects=(2, 4),
 motion="auto", on_scene=None, progress=False, counts=None) -> str``
@@ -167,13 +167,14 @@ def generate_dataset(out_dir: str, num: int, seed: int, frames: int = 1, cameras
                      size: tuple[int, int] = DEFAULT_SIZE, kinds: Sequence[str] | None = None,
                      num_objects: int | tuple[int, int] = (2, 4), motion: str = "auto",
                      on_scene: Callable[[SynthScene, int], None] | None = None, progress: bool = False,
-                     counts: dict[str, int] | None = None) -> str:
+                     counts: dict[str, int] | None = None, plan_templates: str = "train") -> str:
     """Write ``num`` scenes as PNGs + ``records.jsonl`` (+ ``scenes.jsonl`` ground truth); return the records path.
 
     Scene i uses seed ``(seed, i)`` so a dataset's first k scenes do not depend on ``num``; scene i's frames
     are stamped from ``SYNTH_EPOCH_NS + i * (frames * FRAME_PERIOD_NS + SCENE_GAP_NS)`` (one time segment each,
     as in the bag). ``motion="auto"`` alternates object and camera motion when ``frames > 1``. ``counts``
-    overrides records per scene and kind (``questions.DEFAULT_COUNTS``); ``on_scene(scene, i)`` sees each scene.
+    overrides records per scene and kind (``questions.DEFAULT_COUNTS``); ``on_scene(scene, i)`` sees each scene;
+    ``plan_templates="all"`` adds the instruction templates held out from training (evaluation data).
     """
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     segment_ns = frames * FRAME_PERIOD_NS + SCENE_GAP_NS
@@ -198,7 +199,8 @@ def generate_dataset(out_dir: str, num: int, seed: int, frames: int = 1, cameras
                     cv2.imwrite(os.path.join(out_dir, rel), cv2.cvtColor(scene.images[c][f], cv2.COLOR_RGB2BGR))
                     row.append(rel)
                 paths.append(row)
-            records.extend(scene_records(scene, paths, np.random.default_rng((seed, i, 1)), kinds=kinds, counts=counts))
+            records.extend(scene_records(scene, paths, np.random.default_rng((seed, i, 1)), kinds=kinds, counts=counts,
+                                         plan_templates=plan_templates))
             gt.write(json.dumps(scene.to_json()) + "\n")
             if on_scene is not None:
                 on_scene(scene, i)

@@ -155,8 +155,30 @@ def _step(item) -> dict:
     raise PlanParseError(f"a plan step must be an object or a string, got {type(item).__name__}")
 
 
-def parse_plan(text: str) -> list[dict]:
-    """Plan steps (dicts with the PlanStep fields) from generated text; raises ``PlanParseError``."""
+@dataclass
+class PlanReply:
+    """A parsed plan reply: the steps, or no steps and why. ``missing`` names objects the model says are not in
+    view (the request then fails with that reason); an empty plan with a ``reason`` (e.g. "already done") is a
+    successful answer that needs no action."""
+
+    steps: list
+    reason: str = ""
+    missing: list = None
+
+    def __post_init__(self):
+        self.missing = list(self.missing or [])
+
+    @property
+    def failure(self) -> str:
+        """The operator-facing reason this reply is a refusal ("" when it is a plan, possibly empty)."""
+        if not self.missing:
+            return ""
+        names = ", ".join(f"the {m}" for m in self.missing)
+        return f"not in view: {names}" + (f" ({self.reason})" if self.reason else "")
+
+
+def _plan_json(text: str):
+    """The first JSON list/object in ``text`` (fences, quotes, trailing commas and truncation repaired)."""
     body = _strip_fences(text).strip()
     starts = [i for i in (body.find("["), body.find("{")) if i >= 0]
     if not starts:
@@ -165,17 +187,42 @@ def parse_plan(text: str) -> list[dict]:
     data = _loads_lenient(span) if closed else None
     if data is None and span.startswith("["):
         data = _truncated_list(span)
+    if data is None and span.startswith("{"):
+        inner = span.find("[")
+        if inner >= 0:  # {"steps": [ ... cut off by the token limit
+            data = {"steps": _truncated_list(span[inner:]) or []}
+    return data
+
+
+def parse_plan_reply(text: str) -> PlanReply:
+    """Steps, reason and missing objects from generated text; raises ``PlanParseError`` when there is no plan and
+    no stated reason for its absence."""
+    data = _plan_json(text)
+    reason, missing = "", []
     if isinstance(data, dict):
+        lowered = {str(k).lower(): v for k, v in data.items()}
+        reason = str(lowered.get("reason") or "").strip()
+        raw_missing = lowered.get("missing") or []
+        missing = [str(m).strip() for m in (raw_missing if isinstance(raw_missing, list) else [raw_missing])
+                   if str(m).strip()]
         for key in ("steps", "plan", "actions"):
-            if isinstance(data.get(key), list):
-                data = data[key]
+            if isinstance(lowered.get(key), list):
+                data = lowered[key]
                 break
         else:
-            data = [data] if "action" in {str(k).lower() for k in data} else None
+            data = [data] if "action" in lowered else ([] if (reason or missing) else None)
     if not isinstance(data, list):
         raise PlanParseError(f"could not parse a JSON plan from the model output: {text[:200]!r}")
-    steps = [_step(item) for item in data]
-    steps = [s for s in steps if s["action"]]
-    if not steps:
+    steps = [s for s in (_step(item) for item in data) if s["action"]]
+    if not steps and not (reason or missing):
+        raise PlanParseError(f"the model output holds an empty plan and no reason: {text[:200]!r}")
+    return PlanReply(steps, reason, missing)
+
+
+def parse_plan(text: str) -> list[dict]:
+    """Plan steps (dicts with the PlanStep fields) from generated text; raises ``PlanParseError`` (also for a
+    reply with no steps: use ``parse_plan_reply`` to accept those with their reason)."""
+    reply = parse_plan_reply(text)
+    if not reply.steps:
         raise PlanParseError(f"the model output holds an empty plan: {text[:200]!r}")
-    return steps
+    return reply.steps

@@ -53,14 +53,30 @@ def choice_question(question: str, choices: Sequence[str]) -> str:
 
 
 def plan_request(instruction: str) -> str:
-    """Ask for a plan as a JSON list of steps with the PlanStep fields."""
+    """Ask for a plan as JSON: the steps with the PlanStep fields, or no steps and why (done / not in view)."""
     fields = ", ".join(f'"{f}"' for f in PLAN_STEP_FIELDS)
     return (
         f"Instruction: {instruction}\n"
-        f"Reply with a JSON list of plan steps; each step is an object with the keys {fields}."
+        f'Reply with JSON {{"steps": [...]}}; each step is an object with the keys {fields}. '
+        f'If it is already done, reply {{"steps": [], "reason": "{PLAN_DONE_REASON}"}}; '
+        f'if an object it needs is not in view, {{"steps": [], "missing": [its name]}}.'
     )
 
 
+PLAN_DONE_REASON = "already done"
+
+
 def plan_answer(steps: Iterable[dict]) -> str:
-    """The canonical JSON text of a plan (what training targets and what the parser reads back)."""
+    """The canonical JSON list of plan steps (every PlanStep field, as strings)."""
     return json.dumps([{k: str(s.get(k, "")) for k in PLAN_STEP_FIELDS} for s in steps], separators=(", ", ": "))
+
+
+def plan_reply(steps: Iterable[dict], reason: str = "", missing: Sequence[str] = ()) -> str:
+    """The JSON reply a plan request is trained to produce: ``{"steps": [...]}`` with each step's non-empty fields
+    only (shorter for a small model; the parser fills the rest), plus ``reason`` and ``missing`` when given."""
+    reply: dict = {"steps": [{k: str(s[k]) for k in PLAN_STEP_FIELDS if s.get(k)} for s in steps]}
+    if reason:
+        reply["reason"] = reason
+    if missing:
+        reply["missing"] = list(missing)
+    return json.dumps(reply, separators=(", ", ": "))
