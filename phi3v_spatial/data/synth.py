@@ -163,47 +163,80 @@ def make_scene(seed, num_objects: int | tuple[int, int] = (2, 4), frames: int = 
     raise RuntimeError(f"could not sample a valid scene for seed {seed!r} (num_objects={num_objects}, size={size})")
 
 
+class _SceneJob:
+    """Renders scene ``i`` of a dataset, writes its images and returns (ground truth, records, scene or None);
+    a picklable callable, so that a process pool can run it."""
+
+    def __init__(self, out_dir, seed, frames, cameras, size, kinds, num_objects, motion, counts, plan_templates):
+        self.out_dir, self.seed, self.frames, self.cameras, self.size = out_dir, seed, frames, cameras, size
+        self.kinds, self.num_objects, self.motion, self.counts = kinds, num_objects, motion, counts
+        self.plan_templates = plan_templates
+
+    def __call__(self, i: int, keep_scene: bool = False):
+        segment_ns = self.frames * FRAME_PERIOD_NS + SCENE_GAP_NS
+        m = self.motion
+        if m == "auto":
+            m = "none" if self.frames == 1 else ("object" if i % 2 == 0 else "camera")
+        scene = make_scene((self.seed, i), num_objects=self.num_objects, frames=self.frames, cameras=self.cameras,
+                           size=self.size, motion=m, scene_id=f"{i:06d}", start_ns=SYNTH_EPOCH_NS + i * segment_ns)
+        paths = []
+        for c in range(scene.num_cameras):
+            row = []
+            for f in range(scene.num_frames):
+                rel = f"images/{scene.id}_c{c}_f{f}.png"
+                cv2.imwrite(os.path.join(self.out_dir, rel), cv2.cvtColor(scene.images[c][f], cv2.COLOR_RGB2BGR))
+                row.append(rel)
+            paths.append(row)
+        recs = scene_records(scene, paths, np.random.default_rng((self.seed, i, 1)), kinds=self.kinds,
+                             counts=self.counts, plan_templates=self.plan_templates)
+        return scene.to_json(), recs, (scene if keep_scene else None)
+
+
 def generate_dataset(out_dir: str, num: int, seed: int, frames: int = 1, cameras: int = 1,
                      size: tuple[int, int] = DEFAULT_SIZE, kinds: Sequence[str] | None = None,
                      num_objects: int | tuple[int, int] = (2, 4), motion: str = "auto",
                      on_scene: Callable[[SynthScene, int], None] | None = None, progress: bool = False,
-                     counts: dict[str, int] | None = None, plan_templates: str = "train") -> str:
+                     counts: dict[str, int] | None = None, plan_templates: str = "train", workers: int = 1) -> str:
     """Write ``num`` scenes as PNGs + ``records.jsonl`` (+ ``scenes.jsonl`` ground truth); return the records path.
 
     Scene i uses seed ``(seed, i)`` so a dataset's first k scenes do not depend on ``num``; scene i's frames
     are stamped from ``SYNTH_EPOCH_NS + i * (frames * FRAME_PERIOD_NS + SCENE_GAP_NS)`` (one time segment each,
     as in the bag). ``motion="auto"`` alternates object and camera motion when ``frames > 1``. ``counts``
     overrides records per scene and kind (``questions.DEFAULT_COUNTS``); ``on_scene(scene, i)`` sees each scene;
-    ``plan_templates="all"`` adds the instruction templates held out from training (evaluation data).
+    ``plan_templates="all"`` adds the instruction templates held out from training (evaluation data); ``workers``
+    processes render scenes in parallel (same output; not with ``on_scene``, which needs the scenes here).
     """
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    segment_ns = frames * FRAME_PERIOD_NS + SCENE_GAP_NS
+    job = _SceneJob(out_dir, seed, frames, cameras, size, kinds, num_objects, motion, counts, plan_templates)
     records = []
-    iterator = range(num)
+    progress_bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, desc="synth", unit="scene")
-    with open(os.path.join(out_dir, "scenes.jsonl"), "w", encoding="utf-8") as gt:
-        for i in iterator:
-            m = motion
-            if motion == "auto":
-                m = "none" if frames == 1 else ("object" if i % 2 == 0 else "camera")
-            scene = make_scene((seed, i), num_objects=num_objects, frames=frames, cameras=cameras, size=size,
-                               motion=m, scene_id=f"{i:06d}", start_ns=SYNTH_EPOCH_NS + i * segment_ns)
-            paths = []
-            for c in range(scene.num_cameras):
-                row = []
-                for f in range(scene.num_frames):
-                    rel = f"images/{scene.id}_c{c}_f{f}.png"
-                    cv2.imwrite(os.path.join(out_dir, rel), cv2.cvtColor(scene.images[c][f], cv2.COLOR_RGB2BGR))
-                    row.append(rel)
-                paths.append(row)
-            records.extend(scene_records(scene, paths, np.random.default_rng((seed, i, 1)), kinds=kinds, counts=counts,
-                                         plan_templates=plan_templates))
-            gt.write(json.dumps(scene.to_json()) + "\n")
-            if on_scene is not None:
-                on_scene(scene, i)
+        progress_bar = tqdm(total=num, desc="synth", unit="scene")
+    pool = None
+    if workers > 1 and on_scene is None and num > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(job, range(num), chunksize=16)
+    else:
+        results = (job(i, keep_scene=on_scene is not None) for i in range(num))
+    try:
+        with open(os.path.join(out_dir, "scenes.jsonl"), "w", encoding="utf-8") as gt:
+            for i, (scene_json, recs, scene) in enumerate(results):
+                records.extend(recs)
+                gt.write(json.dumps(scene_json) + "\n")
+                if on_scene is not None:
+                    on_scene(scene, i)
+                if progress_bar is not None:
+                    progress_bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if progress_bar is not None:
+            progress_bar.close()
     out = os.path.join(out_dir, "records.jsonl")
     write_jsonl(out, records)
     return out

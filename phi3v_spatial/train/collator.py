@@ -56,11 +56,15 @@ class EncodedSample:
     image_sizes: object = None      # tensor (n_images, 2) or None
     # Auxiliary geometry targets (``train.geometry``): (kind, position, target), kind GEOMETRY_NAME at an object
     # name's last token (target: that object's features), GEOMETRY_ANSWER at the last prompt token (first-named
-    # minus second-named object's features).
+    # minus second-named object's features), GEOMETRY_MOTION at an object name of a two-frame question (its
+    # change between the frames), GEOMETRY_TARGET where the answer's next token starts naming an object (that
+    # object's features: open answers, choices, the objects of a plan).
     geometry: list = field(default_factory=list)
 
 
-GEOMETRY_NAME, GEOMETRY_ANSWER = 0, 1
+GEOMETRY_NAME, GEOMETRY_ANSWER, GEOMETRY_MOTION, GEOMETRY_TARGET = 0, 1, 2, 3
+GEOMETRY_KEYS = ((GEOMETRY_NAME, "geometry_name"), (GEOMETRY_ANSWER, "geometry_answer"),
+                 (GEOMETRY_MOTION, "geometry_motion"), (GEOMETRY_TARGET, "geometry_target"))
 
 
 def encode_prompt(processor, prompt: str, images: Sequence):
@@ -111,7 +115,7 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
         attention[i, :L] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     if any(s.geometry for s in samples):
-        for kind, key in ((GEOMETRY_NAME, "geometry_name"), (GEOMETRY_ANSWER, "geometry_answer")):
+        for kind, key in GEOMETRY_KEYS:
             rows = [(i, pos, t) for i, s in enumerate(samples) for k, pos, t in s.geometry if k == kind]
             batch[key + "_index"] = torch.tensor([[i, pos] for i, pos, _ in rows], dtype=torch.long).reshape(-1, 2)
             batch[key + "_target"] = torch.tensor(np.array([t for _, _, t in rows], dtype=np.float32)).reshape(-1, 3)
@@ -124,13 +128,29 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     return batch
 
 
+def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
+    """Sample positions of each named object's last token (``objs``: (start in question, name, features))."""
+    out = []
+    for start, name, feats in objs:
+        last_char = q0 + start + len(name) - 1
+        j = next((j for j, (a, b) in enumerate(offsets) if a <= last_char < b), None)
+        if j is None:
+            return None
+        out.append((ids_offset + j, feats))
+    return out
+
+
 def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
     """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
     last token, and the last token of the turn (where the answer's first token is predicted). Positions are found
     through the tokenizer's character offsets and checked against ``ids``; a turn whose tokens do not line up (or
     whose record has no geometry) gets none."""
-    objs = geometry.question_objects(record, root) if geometry is not None else None
-    if not objs:
+    if geometry is None:
+        return []
+    objs = geometry.question_objects(record, root)
+    moving = geometry.motion_objects(record, root)
+    answer_obj = geometry.answer_object(record, root)
+    if not objs and not moving and answer_obj is None:
         return []
     from ..model.processing_phi3v import IMAGE_TAG
 
@@ -141,13 +161,40 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
     if q0 < 0 or n > len(ids) or list(ids[len(ids) - n:]) != text_ids:
         return []
     out = []
-    for start, name, feats in objs:
-        last_char = q0 + start + len(name) - 1
-        j = next((j for j, (a, b) in enumerate(offsets) if a <= last_char < b), None)
-        if j is None:
-            return []
-        out.append((GEOMETRY_NAME, len(ids) - n + j, feats))
-    out.append((GEOMETRY_ANSWER, len(ids) - 1, objs[0][2] - objs[1][2]))
+    for kind, found in ((GEOMETRY_NAME, objs), (GEOMETRY_MOTION, moving)):
+        if found:
+            positions = _name_positions(offsets, q0, len(ids) - n, found)
+            if positions is None:
+                return []
+            out += [(kind, pos, feats) for pos, feats in positions]
+    if objs:
+        out.append((GEOMETRY_ANSWER, len(ids) - 1, objs[0][2] - objs[1][2]))
+    if answer_obj is not None:
+        out.append((GEOMETRY_TARGET, len(ids) - 1, answer_obj))
+    return out
+
+
+def answer_geometry(tokenizer, geometry, record: SpatialRecord, root: str, target_start: int) -> list:
+    """Geometry targets inside a plan answer that starts at sample position ``target_start``: GEOMETRY_TARGET at the
+    position that predicts the first token of each object's first mention (that object's features), and
+    GEOMETRY_ANSWER where the reply starts its step list (first-named minus second-named object of a one-relation
+    instruction: whether the goal already holds)."""
+    objs = geometry.plan_objects(record, root) if geometry is not None else None
+    pair = geometry.plan_pair(record, root) if geometry is not None else None
+    if not objs and pair is None:
+        return []
+    text = prompts.answer_target(record.answer)
+    offsets = list(tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"])
+    out = []
+    first_step = text.find("[") + 1   # where the reply says whether there is anything to do: "]" or "{"
+    j = next((j for j, (a, b) in enumerate(offsets) if a <= first_step < b), None)
+    if pair is not None and j:
+        out.append((GEOMETRY_ANSWER, target_start + j - 1, pair))
+    for name, feats in objs or ():
+        c = text.find(f'"{name}"')
+        j = next((j for j, (a, b) in enumerate(offsets) if a <= c + 1 < b), None) if c >= 0 else None
+        if j is not None and j > 0:
+            out.append((GEOMETRY_TARGET, target_start + j - 1, feats))
     return out
 
 
@@ -176,6 +223,7 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
         last = k == len(records) - 1
         if not last and tgt and tgt[-1] == eot:
             tgt = tgt[:-1]
+        aux += answer_geometry(tok, geometry, r, root, len(ids))
         ids += tgt
         labels += tgt
         if not last:

@@ -49,11 +49,12 @@ class SceneGeometry:
             self._scenes[key] = scenes
         return self._scenes[key]
 
-    def object_features(self, record: SpatialRecord, root: str, name: str) -> np.ndarray | None:
-        """(u, v, log apparent size), scaled, of object ``name`` in the record's only image; None when unknown."""
-        if len(record.images) != 1:
+    def object_features(self, record: SpatialRecord, root: str, name: str, image: int = 0) -> np.ndarray | None:
+        """(u, v, log apparent size), scaled, of object ``name`` in the record's ``image``-th image; None when
+        unknown."""
+        if not 0 <= image < len(record.images):
             return None
-        m = _IMAGE_NAME.search(record.images[0].replace(os.sep, "/"))
+        m = _IMAGE_NAME.search(record.images[image].replace(os.sep, "/"))
         scenes = self._scenes_of(root)
         if m is None or scenes is None or m["scene"] not in scenes:
             return None
@@ -73,11 +74,23 @@ class SceneGeometry:
         return np.array([4.0 * (u / cam.width - 0.5), 4.0 * (v / cam.height - 0.5),
                          (np.log(apparent) - LOG_SIZE_CENTRE) / LOG_SIZE_SCALE], dtype=np.float32)
 
+    def _about_image(self, record: SpatialRecord) -> int | None:
+        """The image a single-image relation question is about: the only one, or a two-camera question's."""
+        if len(record.images) == 1:
+            return 0
+        if record.family == "two cameras" and record.label is not None:
+            return int(record.about_image)
+        return None
+
     def question_objects(self, record: SpatialRecord, root: str) -> list[tuple[int, str, np.ndarray]] | None:
         """The two objects a two-object relation question names, in the order the question names them: (where the
         name starts in the question, name, features); None for other records (superlatives, counting, VSR,
-        multi-image ...)."""
-        if record.type not in ("yesno", "choice") or not record.subj or not record.obj:
+        motion ...). Two-camera yes/no questions use the image they ask about."""
+        image = self._about_image(record)
+        if image is None or not record.subj or not record.obj:
+            return None
+        if record.type not in ("yesno", "choice") and not (record.type == "multiframe" and image is not None
+                                                          and len(record.images) > 1):
             return None
         if record.type == "choice" and len(record.choices) != 2:
             return None
@@ -86,11 +99,61 @@ class SceneGeometry:
             return None
         out = []
         for start, name in sorted(found):
-            f = self.object_features(record, root, name)
+            f = self.object_features(record, root, name, image)
             if f is None:
                 return None
             out.append((start, name, f))
         return out
+
+    def motion_objects(self, record: SpatialRecord, root: str) -> list[tuple[int, str, np.ndarray]] | None:
+        """Objects a two-frame motion question names (the subject and object, or every listed choice of "Which
+        object moved?"): (where the name starts in the question, name, last-frame minus first-frame features)."""
+        if record.type != "multiframe" or record.family not in ("motion", "relation change") or len(record.images) != 2:
+            return None
+        names = [n for n in (record.subj, record.obj) if n]
+        names += [c for c in record.choices if c not in names and " " in c]
+        out = []
+        for name in names:
+            start = record.question.find(name)
+            a, b = (self.object_features(record, root, name, k) for k in (0, 1))
+            if start >= 0 and a is not None and b is not None:
+                out.append((start, name, b - a))
+        return out or None
+
+    def answer_object(self, record: SpatialRecord, root: str) -> np.ndarray | None:
+        """Features of the object a one-object answer names (open questions, choices between objects, "Which
+        object moved?" in its last frame); None for other records."""
+        if not record.subj or record.answer != record.subj:
+            return None
+        if record.type == "open" or (record.type == "choice" and len(record.images) == 1):
+            return self.object_features(record, root, record.subj, 0)
+        if record.type == "multiframe" and record.family == "motion" and len(record.images) == 2:
+            return self.object_features(record, root, record.subj, 1)
+        return None
+
+    def plan_pair(self, record: SpatialRecord, root: str) -> np.ndarray | None:
+        """Subject minus object features of a one-relation plan instruction (move, refer, done); None otherwise."""
+        if record.type != "plan" or record.family not in ("move", "refer", "done") or len(record.images) != 1:
+            return None
+        if not record.subj or not record.obj:
+            return None
+        a, b = (self.object_features(record, root, n, 0) for n in (record.subj, record.obj))
+        return None if a is None or b is None else a - b
+
+    def plan_objects(self, record: SpatialRecord, root: str) -> list[tuple[str, np.ndarray]] | None:
+        """The objects a plan answer names (step targets and references, first mention order) with their features
+        in the plan's image; None for other records."""
+        if record.type != "plan" or not record.plan or len(record.images) != 1:
+            return None
+        out, seen = [], set()
+        for step in record.plan:
+            for name in (step.get("target", ""), step.get("reference", "")):
+                if name and name not in seen:
+                    seen.add(name)
+                    f = self.object_features(record, root, name, 0)
+                    if f is not None:
+                        out.append((name, f))
+        return out or None
 
 
 HEADS_FILE = "geometry_heads.safetensors"
@@ -101,20 +164,26 @@ def make_geometry_heads(hidden_size: int, layers: tuple[int, int]):
     import torch
 
     class GeometryHeads(torch.nn.Module):
-        """``name`` reads ``hidden_states[layers[0]]`` at object names, ``answer`` ``hidden_states[layers[1]]`` at the
-        answer position; ``loss`` is the mean squared error of each, summed."""
+        """Read ``hidden_states[layers[0]]`` at object names (``name``: the object's features; ``motion``: their
+        change between two frames) and ``hidden_states[layers[1]]`` at answer positions (``answer``: first-named minus
+        second-named object; ``target``: the object the answer names next); ``loss`` sums each head's mean squared
+        error."""
 
         def __init__(self):
             super().__init__()
             self.layers = (int(layers[0]), int(layers[1]))
-            self.name = torch.nn.Linear(hidden_size, len(GEOMETRY_FEATURES))
-            self.answer = torch.nn.Linear(hidden_size, len(GEOMETRY_FEATURES))
+            n = len(GEOMETRY_FEATURES)
+            self.name = torch.nn.Linear(hidden_size, n)
+            self.answer = torch.nn.Linear(hidden_size, n)
+            self.motion = torch.nn.Linear(hidden_size, n)
+            self.target = torch.nn.Linear(hidden_size, n)
 
         def loss(self, hidden_states, batch: dict) -> tuple:
-            """(summed loss tensor, {"name": float, "answer": float}) for a batch from ``SpatialCollator``."""
+            """(summed loss tensor, {head: float}) for a batch from ``SpatialCollator``."""
             total = hidden_states[0].new_zeros(())
             parts = {}
-            for key, head, layer in (("name", self.name, self.layers[0]), ("answer", self.answer, self.layers[1])):
+            for key, head, layer in (("name", self.name, self.layers[0]), ("answer", self.answer, self.layers[1]),
+                                     ("motion", self.motion, self.layers[0]), ("target", self.target, self.layers[1])):
                 index = batch.get(f"geometry_{key}_index")
                 if index is None or len(index) == 0:
                     continue
@@ -146,7 +215,8 @@ def make_geometry_heads(hidden_size: int, layers: tuple[int, int]):
             if saved_layers != self.layers or any(state[k].shape != v.shape for k, v in self.state_dict().items()
                                                   if k in state):
                 return False
-            self.load_state_dict(state)
+            own = self.state_dict()   # heads saved before the motion / target heads existed continue the rest
+            self.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
             return True
 
     return GeometryHeads()
