@@ -158,24 +158,38 @@ def test_quantitative_answers_within_tolerance(tmp_path):
 
 
 def test_plan_records_round_trip_and_are_grounded():
-    from phi3v_spatial.engine.parsing import parse_plan
+    from phi3v_spatial.data.executor import PLACE_RELATIONS, judge_plan
+    from phi3v_spatial.data.plans import FAMILIES, instruction_of
+    from phi3v_spatial.engine.parsing import parse_plan_reply
 
-    n = 0
+    families = set()
     for seed in range(8):
         scene = make_scene(seed, num_objects=3)
-        for r in scene_records(scene, ["x.png"], np.random.default_rng(seed), kinds=["plan"]):
-            steps = json.loads(r.answer)
-            assert steps == r.plan and r.answer == prompts.plan_answer(r.plan)
-            assert [s["action"] for s in parse_plan(r.answer)] == ["pick", "place"]
-            assert r.question == prompts.plan_request(f"Put the {r.subj} {r.relation} the {r.obj}.")
-            assert steps[0]["target"] == steps[1]["target"] == r.subj and steps[1]["reference"] == r.obj
-            assert r.subj in scene.names and r.obj in scene.names
-            x, z = (float(v) for v in re.findall(r"-?\d+\.\d", steps[1]["detail"]))
-            ref = scene.camera_position(r.obj)
-            ok = {"left of": x < ref[0], "right of": x > ref[0], "in front of": z < ref[2], "behind": z > ref[2]}[r.relation]
-            assert ok, (r.relation, steps[1]["detail"], ref)
-            n += 1
-    assert n >= 6
+        for r in scene_records(scene, ["x.png"], np.random.default_rng(seed), kinds=["plan"], counts={"plan": 5}):
+            reply = json.loads(r.answer)
+            assert isinstance(reply["steps"], list) and set(reply) <= {"steps", "reason", "missing"}
+            parsed = parse_plan_reply(r.answer)
+            assert r.answer == prompts.plan_reply(r.plan, parsed.reason, parsed.missing)
+            assert [{k: v for k, v in st.items() if v} for st in parsed.steps] == reply["steps"] == \
+                   [{k: v for k, v in st.items() if v} for st in r.plan]
+            assert r.family in FAMILIES and r.scene == scene.id and r.images == ["x.png"]
+            assert r.question == prompts.plan_request(instruction_of(r))
+            # grounded: every step names objects in view, picks before it places, and the place steps say where
+            assert {x for st in r.plan for x in (st["target"], st["reference"]) if x} <= set(scene.names)
+            assert [st["action"] for st in r.plan] == ["pick", "place"] * (len(r.plan) // 2)
+            for p, q in zip(r.plan[::2], r.plan[1::2]):
+                assert p["target"] == q["target"] != q["reference"] and q["relation"] in PLACE_RELATIONS
+            if r.family == "missing":
+                assert not r.plan and parsed.missing == r.missing and r.missing[0] not in scene.names
+                assert parsed.failure.startswith("not in view: the " + r.missing[0])
+            elif not r.plan:
+                assert r.family == "done" and parsed.reason == prompts.PLAN_DONE_REASON and not parsed.failure
+            else:
+                assert r.family in ("move", "refer", "multistep") and not parsed.reason and not parsed.missing
+            verdict = judge_plan(scene, parsed.steps, r.goal, r.movable, r.missing, parsed.missing)
+            assert verdict.success, (r.question, r.answer, verdict.reason)
+            families.add(r.family)
+    assert families == set(FAMILIES)
 
 
 def test_describe_does_not_leak_layout():
@@ -197,26 +211,124 @@ def test_describe_does_not_leak_layout():
     assert d1[1].answer == "4" and d1[1].value == 4
 
 
+def _check_multiframe_record(scene, r, seen, labels):
+    """One motion / relation-change record against the 3D truth of camera 0's first and last frame."""
+    from phi3v_spatial.data.scene import camera_distance
+
+    last = scene.num_frames - 1
+    assert r.type == "multiframe" and r.scene == scene.id
+    if r.label is not None:
+        assert r.answer == (prompts.YES if r.label else prompts.NO)
+        labels.append(r.label)
+    else:
+        assert r.answer in r.choices and r.question.endswith(f"Choose one of: {', '.join(r.choices)}.")
+    if r.question.startswith("Which object moved?"):
+        assert scene.motion == "object" and r.family == "motion" and r.answer == scene.moving
+        moved = [o.name for o in scene.objects if not np.allclose(o.positions[0], o.positions[last])]
+        assert moved == [scene.moving]
+        seen["moved"] += 1
+    elif r.family == "relation change":
+        first, end = (relation_holds(scene, r.subj, r.relation, r.obj, f) for f in (0, last))
+        assert first is not None and end is not None
+        assert r.question == f"Is the {r.subj} {r.relation} the {r.obj} in the last frame but not in the first? Answer yes or no."
+        assert r.label == int(end and not first)
+        seen["relation change"] += 1
+    elif "towards or away" in r.question:
+        d = camera_distance(scene, r.subj, last) - camera_distance(scene, r.subj, 0)
+        assert r.family == "motion" and r.answer == ("towards" if d < 0 else "away") and abs(d) > 0.15
+        seen["towards/away"] += 1
+    else:
+        m = re.fullmatch(r"Did the (\w+ \w+) move (closer to|farther from|to) the (camera|left|right)\? Answer yes or no\.",
+                         r.question)
+        assert m and m.group(1) == r.subj and r.family == "motion", r.question
+        if m.group(3) == "camera":   # distance to the camera, first frame to last (3D truth)
+            d = camera_distance(scene, r.subj, last) - camera_distance(scene, r.subj, 0)
+            d = -d if m.group(2) == "closer to" else d
+            assert (d > 0.15) if r.label else (d < 0.05), (r.question, r.label, d)
+            seen["closer/farther"] += 1
+        else:                        # camera-frame x and image column move the same way
+            dx = scene.camera_position(r.subj, last)[0] - scene.camera_position(r.subj, 0)[0]
+            du = scene.pixel(r.subj, last)[0] - scene.pixel(r.subj, 0)[0]
+            sign = -1 if m.group(3) == "left" else 1
+            assert (sign * dx > 0.05 and sign * du > 0) if r.label else (sign * dx < 0.05), (r.question, dx)
+            seen["left/right"] += 1
+
+
 def test_multiframe_questions_follow_the_motion():
-    seen_moved = seen_dir = 0
-    for seed in range(6):
+    from phi3v_spatial.data.questions import multiframe_records
+    from phi3v_spatial.data.scene import SynthScene
+    from phi3v_spatial.data.synth import CAM0_EYE, RIG_TARGET
+
+    seen = {"moved": 0, "closer/farther": 0, "left/right": 0, "towards/away": 0, "relation change": 0}
+    labels = []
+    for seed in range(8):
         for motion in ("object", "camera"):
             scene = make_scene(seed, frames=3, motion=motion)
-            recs = scene_records(scene, [[f"f{i}.png" for i in range(3)]], np.random.default_rng(seed), kinds=["multiframe"])
+            recs = scene_records(scene, [[f"f{i}.png" for i in range(3)]], np.random.default_rng(seed), kinds=["multiframe"],
+                                 counts={"multiframe": 4})
+            assert recs
             for r in recs:
-                assert r.images == ["f0.png", "f1.png", "f2.png"] and r.answer in r.choices
-                if r.question.startswith("Which object moved?"):
-                    assert motion == "object" and r.answer == scene.moving
-                    seen_moved += 1
-                elif "towards or away" in r.question:
-                    pos0, pos2 = scene.camera_position(r.subj, 0), scene.camera_position(r.subj, 2)
-                    assert r.answer == ("away" if np.linalg.norm(pos2) > np.linalg.norm(pos0) else "towards")
-                    seen_dir += 1
-                else:
-                    dx = scene.camera_position(r.subj, 2)[0] - scene.camera_position(r.subj, 0)[0]
-                    assert r.answer == ("right" if dx > 0 else "left")
-                    seen_dir += 1
-    assert seen_moved >= 4 and seen_dir >= 6
+                assert r.images == ["f0.png", "f2.png"]   # the first and the last frame
+                _check_multiframe_record(scene, r, seen, labels)
+    assert seen["moved"] >= 2 and all(seen[k] >= 3 for k in ("closer/farther", "left/right", "towards/away")), seen
+    assert abs(sum(labels) - (len(labels) - sum(labels))) <= 0.2 * len(labels)
+    # A relation that changes needs an object to pass another, which random scenes rarely do: a hand-made one.
+    cam = look_at(CAM0_EYE, RIG_TARGET, (160, 120))
+    red = _obj("red", "cube", 0.4, (-0.8, 3.0, 0.2))
+    red.positions.append(red.positions[0] + np.array([1.6, 0.0, 0.0]))
+    blue = _obj("blue", "sphere", 0.4, (0.0, 3.6, 0.2))
+    blue.positions.append(blue.positions[0].copy())
+    passing = SynthScene("pass", [red, blue], [[cam, cam]], [0, 1], motion="object", moving="red cube", direction="right")
+    assert relation_holds(passing, "red cube", "right of", "blue sphere", 1) is True
+    assert relation_holds(passing, "red cube", "right of", "blue sphere", 0) is False
+    seen["relation change"] = 0
+    for seed in range(6):
+        for r in multiframe_records(passing, ["f0.png", "f1.png"], np.random.default_rng(seed), 4):
+            assert r.images == ["f0.png", "f1.png"]
+            _check_multiframe_record(passing, r, seen, labels)
+    assert seen["relation change"] >= 4, seen
+
+
+def _check_two_camera_record(scene, r, seen):
+    assert r.type == "multiframe" and r.family == "two cameras" and r.about_image in (0, 1)
+    truth = [relation_holds(scene, r.subj, r.relation, r.obj, 0, camera=k) for k in (0, 1)]
+    if r.label is not None:
+        ordinal = ("first", "second")[r.about_image]
+        assert r.question == f"In the {ordinal} image, is the {r.subj} {r.relation} the {r.obj}? Answer yes or no."
+        assert truth[r.about_image] is bool(r.label) and r.answer == (prompts.YES if r.label else prompts.NO)
+        seen["yes/no"] += 1
+    else:
+        assert r.choices == ["first", "second"] and r.answer == r.choices[r.about_image]
+        assert r.question.startswith(f"In which image is the {r.subj} {r.relation} the {r.obj}?")
+        assert truth[r.about_image] is True and truth[1 - r.about_image] is False
+        seen["which image"] += 1
+
+
+def test_two_camera_questions_follow_each_camera():
+    from phi3v_spatial.data.questions import two_camera_records
+    from phi3v_spatial.data.scene import SynthScene
+    from phi3v_spatial.data.synth import CAM0_EYE, CAM1_EYE, RIG_TARGET
+
+    seen = {"yes/no": 0, "which image": 0}
+    for seed in range(12):
+        scene = make_scene(seed, cameras=2)
+        recs = scene_records(scene, [["a.png"], ["b.png"]], np.random.default_rng(seed), kinds=["multiframe"],
+                             counts={"multicamera": 3})
+        assert recs and all(r.images == ["a.png", "b.png"] for r in recs)
+        for r in recs:
+            _check_two_camera_record(scene, r, seen)
+    assert seen["yes/no"] >= 30, seen
+    # A hand-made scene whose depth order flips between the cameras, so "In which image ...?" gets asked.
+    cams = [[look_at(eye, RIG_TARGET, (160, 120))] for eye in (CAM0_EYE, CAM1_EYE)]
+    flip = SynthScene("flip", [_obj("red", "cube", 0.4, (-1.2, 2.4, 0.2)), _obj("blue", "sphere", 0.4, (1.2, 3.2, 0.2))],
+                      cams, [0])
+    assert relation_holds(flip, "red cube", "in front of", "blue sphere", 0, 0) is True
+    assert relation_holds(flip, "red cube", "in front of", "blue sphere", 0, 1) is False
+    seen["which image"] = 0
+    for seed in range(5):
+        for r in two_camera_records(flip, ["a.png", "b.png"], np.random.default_rng(seed), 10):
+            _check_two_camera_record(flip, r, seen)
+    assert seen["which image"] >= 3, seen
 
 
 def test_choice_and_open_answers_are_true():
