@@ -6,13 +6,22 @@ model is measured on what it knows rather than on whether it stops politely:
 - choice: summed log-likelihood of each choice's answer tokens (answer + ``<|end|>``);
 - open / count / describe: greedy generation, normalised exact match;
 - quantitative: greedy generation, first number parsed (units converted), within relative tolerance;
-- plan: greedy generation through ``engine.parsing.parse_plan``; valid = parses and the step
-  targets match the ground truth.
+- plan: greedy generation through ``engine.parsing.parse_plan_reply``, then *executed*: the steps run on the
+  record's 3D scene (``scenes.jsonl`` beside the records, read once per folder) through ``data.executor.judge_plan``;
+  success = every step is possible, the instruction's goal holds afterwards and no other object moved (an
+  instruction about an object that is not in view succeeds only with no steps and that object named as missing).
+  A plan record without a known scene is scored as before (the step targets match the ground truth's) and its
+  prediction says so.
+
+``aggregate`` reports accuracy per type / relation / meta-category, plans per instruction family and for the
+held-out sentence templates (parse rate, valid-step rate, success rate), multi-frame questions per family, and
+the issue-20 ``targets`` (measured value, target, met) that ``format_table`` prints last.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -81,17 +90,94 @@ def within_tolerance(pred: float | None, truth: float | None, tolerance: float |
 
 
 def plan_matches(text: str, truth_steps: Sequence[dict]) -> tuple[bool, bool, str]:
-    """(parses, targets match, error). Steps match when the sequence of step targets (normalised)
-    equals the ground truth's."""
-    from ..engine.parsing import PlanParseError, parse_plan
+    """(parses, targets match, error), for plans without a scene to execute them on. Steps match when the
+    sequence of step targets (normalised) equals the ground truth's; a reply with no steps and a reason or a
+    missing object parses (and matches an empty ground truth)."""
+    from ..engine.parsing import PlanParseError, parse_plan_reply
 
     try:
-        steps = parse_plan(text)
+        steps = parse_plan_reply(text).steps
     except PlanParseError as e:
         return False, False, str(e)
     got = [normalise_text(str(s.get("target", ""))) for s in steps]
     want = [normalise_text(str(s.get("target", ""))) for s in truth_steps]
     return True, got == want, ""
+
+
+NO_SCENE_NOTE = "scene unknown: scored by matching the step targets, not executed"
+
+
+def score_plan(record: SpatialRecord, text: str, scene=None) -> tuple[bool, bool, dict]:
+    """(parses, success, details) of a plan reply. With the record's ``scene`` (a ``SynthScene``) and a goal (or
+    missing objects) the steps are executed by ``data.executor.judge_plan``: details ``scored_by`` "executor",
+    ``steps_total``, ``steps_valid`` (steps the executor accepted) and its ``verdict``. Otherwise the step targets
+    are matched: ``scored_by`` "targets" and a ``note`` saying why."""
+    from ..engine.parsing import PlanParseError, parse_plan_reply
+
+    if scene is None:
+        note = NO_SCENE_NOTE
+    elif not (record.goal or record.missing):
+        note = "the record has no goal to check: scored by matching the step targets, not executed"
+    else:
+        note = ""
+    try:
+        reply = parse_plan_reply(text)
+    except PlanParseError as e:
+        out = {"scored_by": "targets" if note else "executor", "steps_total": 0, "steps_valid": 0, "error": str(e)}
+        return False, False, {**out, "note": note} if note else out
+    if not note:
+        from ..data.executor import judge_plan
+
+        try:
+            v = judge_plan(scene, reply.steps, record.goal, record.movable, record.missing, reply.missing)
+        except KeyError as e:   # the goal names an object the scene lacks: that scenes.jsonl is not these records'
+            note = f"scene {record.scene!r} does not hold the goal's objects ({e}); " + NO_SCENE_NOTE
+        else:
+            return True, v.success, {"scored_by": "executor", "steps_total": v.steps_total,
+                                     "steps_valid": v.steps_valid, "verdict": v.reason, "goal_holds": v.goal_holds,
+                                     "others_untouched": v.others_untouched}
+    _, match, _ = plan_matches(text, record.plan)
+    return True, match, {"scored_by": "targets", "steps_total": len(reply.steps), "steps_valid": None, "note": note}
+
+
+def load_scenes(folder: str) -> dict:
+    """Scene id -> ``scenes.jsonl`` line (a dict) of a synthetic records folder; {} when it has none."""
+    path = os.path.join(folder, "scenes.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                out[str(d["id"])] = d
+    return out
+
+
+class SceneIndex:
+    """The 3D ground truth of synthetic records: ``scenes.jsonl`` beside the records, read once per folder and
+    each scene built once (``data.executor.scene_from_json``)."""
+
+    def __init__(self):
+        self._lines: dict[str, dict] = {}
+        self._scenes: dict[tuple[str, str], object] = {}
+
+    def get(self, root: str, scene_id: str):
+        """The ``SynthScene`` ``scene_id`` of the records in ``root``, or None when unknown."""
+        if not scene_id:
+            return None
+        folder = os.path.abspath(root or ".")
+        if folder not in self._lines:
+            self._lines[folder] = load_scenes(folder)
+        key = (folder, scene_id)
+        if key not in self._scenes:
+            line = self._lines[folder].get(scene_id)
+            if line is None:
+                return None
+            from ..data.executor import scene_from_json
+
+            self._scenes[key] = scene_from_json(line)
+        return self._scenes[key]
 
 
 def meta_category_of(record: SpatialRecord) -> str:
@@ -123,23 +209,28 @@ class Prediction:
     value: float | None = None          # quantitative: parsed number
     plan_parsed: bool | None = None
     extra: dict = field(default_factory=dict)
+    family: str = ""                    # plan instruction / multi-frame question family
+    template: str = ""                  # "held-out": a sentence template training never used
 
 
-def judge(record: SpatialRecord, predicted: str, score: float | None = None) -> Prediction:
-    """Turn a predicted answer text into a scored Prediction (used by the model scorer and by tests)."""
+def judge(record: SpatialRecord, predicted: str, score: float | None = None, scene=None) -> Prediction:
+    """Turn a predicted answer text into a scored Prediction (used by the model scorer and by tests). ``scene``
+    (the record's ``SynthScene``) is only used for plans, which are then executed (``score_plan``)."""
     kind = scoring_kind(record)
     value = None
     plan_parsed = None
+    extra: dict = {}
     if kind == "quantitative":
         value = parse_quantity(predicted, record.unit)
         correct = within_tolerance(value, record.value, record.tolerance)
     elif kind == "plan":
-        plan_parsed, correct, err = plan_matches(predicted, record.plan)
+        plan_parsed, correct, extra = score_plan(record, predicted, scene)
     else:
         correct = normalise_text(predicted) == normalise_text(record.answer)
     return Prediction(
         id=record.id, type=record.type, kind=kind, relation=record.relation, meta_category=meta_category_of(record),
         answer=record.answer, predicted=predicted, correct=bool(correct), score=score, value=value, plan_parsed=plan_parsed,
+        extra=extra, family=record.family, template=record.template,
     )
 
 
@@ -149,9 +240,65 @@ def _acc(preds: Sequence[Prediction]) -> dict:
     return {"n": n, "correct": c, "accuracy": (c / n) if n else None}
 
 
+PLAN_FAMILIES = ("move", "refer", "multistep", "done", "missing")          # data.plans.FAMILIES
+MULTIFRAME_FAMILIES = ("motion", "relation change", "two cameras")        # data.questions
+
+
+def _plan_row(preds: Sequence[Prediction]) -> dict:
+    """n, parse rate, valid-step rate (steps the executor accepted / steps proposed, over executed plans),
+    success rate, and how many were judged by the executor (the rest: step targets matched, no scene)."""
+    n = len(preds)
+    executed = [p for p in preds if p.extra.get("scored_by") == "executor"]
+    proposed = sum(int(p.extra.get("steps_total") or 0) for p in executed)
+    accepted = sum(int(p.extra.get("steps_valid") or 0) for p in executed)
+    return {
+        "n": n,
+        "parse_rate": (sum(bool(p.plan_parsed) for p in preds) / n) if n else None,
+        "valid_step_rate": (accepted / proposed) if proposed else None,
+        "success_rate": (sum(p.correct for p in preds) / n) if n else None,
+        "executed": len(executed),
+    }
+
+
+def _value(report: dict, *path):
+    """(value, n) at a path of the report: a ``_acc`` dict's accuracy, or a named rate of a row."""
+    node = report
+    for key in path[:-1]:
+        node = (node or {}).get(key)
+    node = node or {}
+    return node.get(path[-1]), node.get("n", 0)
+
+
+# The issue-20 table: (row, target, where the measured value is in the report).
+TARGETS = (
+    ("yes/no relations", 0.95, ("per_type", "yesno", "accuracy")),
+    ("choice", 0.90, ("per_type", "choice", "accuracy")),
+    ("plan success after execution", 0.85, ("plans", "all", "success_rate")),
+    ("plan success: referring expressions", 0.75, ("plans", "per_family", "refer", "success_rate")),
+    ("plan success: multi-step", 0.75, ("plans", "per_family", "multistep", "success_rate")),
+    ("plan parse rate", 0.99, ("plans", "all", "parse_rate")),
+    ("multi-frame", 0.85, ("per_type", "multiframe", "accuracy")),
+    ("counting", 0.90, ("per_type", "count", "accuracy")),
+    ("open (object name)", 0.80, ("per_type", "open", "accuracy")),
+    ("metric within tolerance", 0.50, ("quantitative", "within_tolerance")),
+)
+
+
+def targets(report: dict) -> list[dict]:
+    """The target rows in the issue's order: ``name``, measured ``value``, ``target``, ``goal`` (as printed),
+    ``met`` (None when the data held no such records) and ``n``."""
+    rows = []
+    for name, target, path in TARGETS:
+        value, n = _value(report, *path)
+        rows.append({"name": name, "value": value, "target": target, "goal": f">= {100 * target:.0f}%",
+                     "met": None if value is None else bool(value >= target), "n": n})
+    return rows
+
+
 def aggregate(preds: Sequence[Prediction]) -> dict:
     """Accuracy overall, per type, per relation, per VSR meta-category; within-tolerance rate for
-    quantitative answers; parse and validity rates for plans."""
+    quantitative answers; plans overall, per family and for held-out templates; multi-frame questions per
+    family; and the ``targets`` rows."""
     by_type: dict[str, list] = defaultdict(list)
     by_rel: dict[str, list] = defaultdict(list)
     by_meta: dict[str, list] = defaultdict(list)
@@ -163,6 +310,9 @@ def aggregate(preds: Sequence[Prediction]) -> dict:
             by_meta[p.meta_category].append(p)
     quant = [p for p in preds if p.kind == "quantitative"]
     plans = [p for p in preds if p.kind == "plan"]
+    multi = [p for p in preds if p.type == "multiframe"]
+    plan_families = list(PLAN_FAMILIES) + sorted({p.family or "(none)" for p in plans} - set(PLAN_FAMILIES))
+    multi_families = list(MULTIFRAME_FAMILIES) + sorted({p.family or "(none)" for p in multi} - set(MULTIFRAME_FAMILIES))
     report = {
         "overall": _acc(preds),
         "per_type": {k: _acc(v) for k, v in sorted(by_type.items())},
@@ -173,10 +323,20 @@ def aggregate(preds: Sequence[Prediction]) -> dict:
             "within_tolerance": (sum(p.correct for p in quant) / len(quant)) if quant else None,
             "parsed": (sum(p.value is not None for p in quant) / len(quant)) if quant else None,
         },
+        # validity = success (executed where the scene is known); "plans" has the breakdown.
         "plan": {
             "n": len(plans),
             "parse_rate": (sum(bool(p.plan_parsed) for p in plans) / len(plans)) if plans else None,
             "validity": (sum(p.correct for p in plans) / len(plans)) if plans else None,
+        },
+        "plans": {
+            "all": _plan_row(plans),
+            "per_family": {f: _plan_row([p for p in plans if (p.family or "(none)") == f]) for f in plan_families},
+            "held_out_templates": _plan_row([p for p in plans if p.template == "held-out"]),
+        },
+        "multiframe": {
+            "all": _acc(multi),
+            "per_family": {f: _acc([p for p in multi if (p.family or "(none)") == f]) for f in multi_families},
         },
     }
     # Categories outside the VSR seven (e.g. synthetic-only labels) are still reported.
@@ -187,6 +347,7 @@ def aggregate(preds: Sequence[Prediction]) -> dict:
     yesno = [p for p in preds if p.kind == "yesno"]
     if yesno:
         report["yesno_predicted_yes_rate"] = sum(normalise_text(p.predicted) == prompts.YES for p in yesno) / len(yesno)
+    report["targets"] = targets(report)
     return report
 
 
@@ -195,7 +356,7 @@ def _fmt(acc) -> str:
 
 
 def format_table(report: dict, title: str = "") -> str:
-    """A readable plain-text table of a report."""
+    """A readable plain-text table of a report (the targets last)."""
     lines = []
     if title:
         lines += [title, "=" * len(title)]
@@ -209,11 +370,30 @@ def format_table(report: dict, title: str = "") -> str:
     q = report["quantitative"]
     if q["n"]:
         lines.append(f"{'quantitative within tolerance':<34} {_fmt(q['within_tolerance'])}  (n={q['n']}, parsed {_fmt(q['parsed'])})")
-    pl = report["plan"]
-    if pl["n"]:
-        lines.append(f"{'plan validity':<34} {_fmt(pl['validity'])}  (n={pl['n']}, parsed {_fmt(pl['parse_rate'])})")
+    plans = report.get("plans")
+    if plans and plans["all"]["n"]:
+        lines.append("-- plans (success: every step possible, the goal holds after execution, nothing else moved)")
+        lines.append(f"   {'family':<21} {'n':>5} {'parsed':>7} {'valid steps':>12} {'success':>8}")
+        rows = [("all", plans["all"])] + [(k, v) for k, v in plans["per_family"].items()] + \
+            [("held-out templates", plans["held_out_templates"])]
+        for k, v in rows:
+            lines.append(f"   {k:<21} {v['n']:>5} {_fmt(v['parse_rate']):>7} {_fmt(v['valid_step_rate']):>12} "
+                         f"{_fmt(v['success_rate']):>8}")
+        unexecuted = plans["all"]["n"] - plans["all"]["executed"]
+        if unexecuted:
+            lines.append(f"   ({unexecuted} of {plans['all']['n']} plans had no scene: step targets matched, not executed)")
+    multi = report.get("multiframe")
+    if multi and multi["all"]["n"]:
+        lines.append("-- multi-frame by family")
+        for k, v in multi["per_family"].items():
+            lines.append(f"   {k:<31} {_fmt(v['accuracy'])}  (n={v['n']})")
     if "yesno_predicted_yes_rate" in report:
         lines.append(f"{'yes/no: share answered yes':<34} {_fmt(report['yesno_predicted_yes_rate'])}")
+    if report.get("targets"):
+        lines.append("-- targets (issue 20)")
+        for row in report["targets"]:
+            met = "no data" if row["met"] is None else ("met" if row["met"] else "NOT MET")
+            lines.append(f"   {row['name']:<35} {_fmt(row['value'])}  {row['goal']:<6} {met:<8} (n={row['n']})")
     return "\n".join(lines)
 
 
@@ -257,6 +437,7 @@ class Scorer:
         self.max_new_tokens = max_new_tokens
         self.plan_max_new_tokens = plan_max_new_tokens
         self._first_tok: dict = {}
+        self.scenes = SceneIndex()
 
     def _to_device(self, batch: dict) -> dict:
         out = {}
@@ -339,8 +520,10 @@ class Scorer:
             pred = judge(record, record.choices[best], score=ll[best])
             pred.extra["logliks"] = dict(zip(record.choices, ll))
             return pred
-        budget = self.plan_max_new_tokens if kind == "plan" else self.max_new_tokens
-        return judge(record, self.generate(record, images, budget))
+        if kind == "plan":
+            text = self.generate(record, images, self.plan_max_new_tokens)
+            return judge(record, text, scene=self.scenes.get(root, record.scene))
+        return judge(record, self.generate(record, images, self.max_new_tokens))
 
 
 def evaluate_records(scorer: Scorer, items: Iterable[tuple[SpatialRecord, str]], progress: bool = True,
