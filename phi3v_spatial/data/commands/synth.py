@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "yesno,choice,open,quantitative,multiframe,plan,describe,count")
     parser.add_argument("--bag", default="", metavar="OUT.mcap|OUT.db3",
                         help="also write the frames as a rosbag2 bag plus OUT.questions.yaml for replay")
+    parser.add_argument("--heldout-templates", action="store_true",
+                        help="plan instructions also in the templates training data never uses (for evaluation sets)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes (same output; default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
         writer = CameraBagWriter(bag_dir, storage).__enter__()
 
     def on_scene(scene, i):
-        if writer is None:
-            return
         for f in range(scene.num_frames):
             for c in range(scene.num_cameras):
                 topic, compressed = camera_topic(c)
@@ -85,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = generate_dataset(args.out, args.num, args.seed, frames=args.frames, cameras=args.cameras, size=args.size,
-                                kinds=kinds, num_objects=args.objects, motion=args.motion, on_scene=on_scene,
-                                progress=not args.quiet)
+                                kinds=kinds, num_objects=args.objects, motion=args.motion,
+                                on_scene=on_scene if writer is not None else None, progress=not args.quiet,
+                                plan_templates="all" if args.heldout_templates else "train", workers=args.workers)
     except ValueError as e:
         print(f"synth: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Evaluate a model (optionally with a LoRA adapter) on spatial records.
 
 yes/no questions are scored from the next-token probabilities of "yes" vs "no", choice questions
-from the likelihood of each choice, open / quantitative / plan questions by greedy generation.
-Prints a table (overall, per type, per VSR meta-category, per relation) and writes a JSON report.
+from the likelihood of each choice, open / quantitative / plan questions by greedy generation; plans are executed
+on the synthetic scene's ground truth (``data.executor``). Prints a table (overall, per type, per VSR meta-category,
+per relation, per plan family and multi-frame family, the targets) and writes a JSON report.
 """
 from __future__ import annotations
 
