@@ -1,8 +1,10 @@
 """``make demo``: start spatial_node as its own process, feed it two cameras, and ask it things.
 
 What it shows, end to end on a real ROS graph: the node started through its console script with a params
-file, a raw camera and a compressed camera publishing a synthetic 3D scene, ``~/ask``, ``~/query_relations``
-and the ``~/plan`` action with streamed feedback, each answer printed next to the scene's ground truth.
+file, a raw camera and a compressed camera publishing a synthetic 3D scene, ``~/ask``, ``~/query_relations``,
+a count, a question about two frames of a moving scene (through the node's frame window), and ``~/plan`` goals
+with streamed feedback whose steps are executed on the scene's 3D ground truth (``data.executor``); each answer is
+printed next to the ground truth.
 DDS discovery stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) on a random ROS_DOMAIN_ID.
 """
 from __future__ import annotations
@@ -80,6 +82,11 @@ def main() -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CompressedImage, Image
 
+    import numpy as np
+
+    from phi3v_spatial.data.executor import judge_plan
+    from phi3v_spatial.data.plans import PlanMaker, instruction_of
+    from phi3v_spatial.data.questions import COUNT_QUESTION, multiframe_records
     from phi3v_spatial.data.synth import make_scene, relation_holds
     from phi3v_spatial.engine import prompts
     from phi3v_spatial.ros.messages import compressed_msg, image_msg
@@ -97,14 +104,14 @@ def main() -> int:
         print(f"model: {model_params['model_path']} (adapter: {model_params.get('active_adapter') or 'none'})")
 
     params = {**model_params, "image_topics": [FRONT, SIDE], "window.num_frames": 1, "window.max_age_s": 5.0,
-              "generation.max_new_tokens": 32, "plan.max_new_tokens": 96, "request_timeout_s": 300.0}
+              "generation.max_new_tokens": 32, "plan.max_new_tokens": 192, "request_timeout_s": 300.0}
     proc, log = _start_node(params, workdir)
 
     seed0 = int(os.environ.get("PHI3V_DEMO_SEED") or random.SystemRandom().randint(0, 10**6))
     scenes = [make_scene(seed=seed0 + k, num_objects=(2, 3), cameras=2, size=(160, 120)) for k in range(DEMO_SCENES)]
     print(f"{DEMO_SCENES} fresh synthetic scenes (seeds {seed0}..{seed0 + DEMO_SCENES - 1}; PHI3V_DEMO_SEED repeats them); "
           f"camera 0 -> {FRONT} (raw rgb8), camera 1 -> {SIDE} (jpeg)")
-    shown = {"scene": scenes[0], "since_ns": 0}
+    shown = {"scene": scenes[0], "frame": 0, "since_ns": 0, "paused": False}
 
     rclpy.init()
     node = rclpy.create_node("spatial_demo")
@@ -123,10 +130,12 @@ def main() -> int:
 
         def cameras():
             while not stop.is_set():
-                now = node.get_clock().now().nanoseconds
-                sc = shown["scene"]
-                pub_front.publish(image_msg(sc.images[0][0], "rgb8", now, "front"))
-                pub_side.publish(compressed_msg(sc.images[1][0], "jpeg", now, "side"))
+                if not shown["paused"]:
+                    now = node.get_clock().now().nanoseconds
+                    sc, f = shown["scene"], shown["frame"]
+                    pub_front.publish(image_msg(sc.images[0][f], "rgb8", now, "front"))
+                    if sc.num_cameras > 1:
+                        pub_side.publish(compressed_msg(sc.images[1][f], "jpeg", now, "side"))
                 stop.wait(0.1)
 
         threading.Thread(target=cameras, daemon=True).start()
@@ -155,9 +164,9 @@ def main() -> int:
             time.sleep(0.3)
         print("spatial_node is active", flush=True)
 
-        def show(sc):
+        def show(sc, frame=0):
             """Switch the cameras to a scene; requests then wait for a frame stamped after the switch."""
-            shown.update(scene=sc, since_ns=node.get_clock().now().nanoseconds)
+            shown.update(scene=sc, frame=frame, since_ns=node.get_clock().now().nanoseconds, paused=False)
 
         def fresh(res):
             return res.success and res.frame_stamps and \
@@ -208,41 +217,82 @@ def main() -> int:
 
         scene = scenes[0]
         show(scene)
-        a, b = scene.names[0], scene.names[1]
-        _banner("~/plan action (both cameras; feedback streamed)")
-        instruction = f"put the {a} next to the {b}"
+        _banner("~/ask: a count (front camera)")
+        res = ask_fresh(AskSpatial, "ask", AskSpatial.Request(question=COUNT_QUESTION, image_topics=[FRONT]))
+        out = repr(res.answer) if res.success else f"ERROR: {res.error}"
+        print(f"  Q: {COUNT_QUESTION}\n     model: {out}   ground truth: {len(scene.objects)}")
+
+        _banner("~/ask about two frames of a moving scene (num_frames 2: the node's window sends both)")
+        moving = make_scene(seed=seed0 + DEMO_SCENES, num_objects=3, frames=2, motion="object", size=(160, 120))
+        questions = [r for r in multiframe_records(moving, ["f0", "f1"], np.random.default_rng(seed0), 4)
+                     if r.label is not None][:1]
+        # Frame 0 for a second (keyframes are window.min_interval_s apart), then one message of frame 1: the
+        # window's newest frame is frame 1 and its keyframe before that frame 0.
+        show(moving, 0)
+        time.sleep(1.2)
+        shown["paused"] = True
+        now = node.get_clock().now().nanoseconds
+        pub_front.publish(image_msg(moving.images[0][1], "rgb8", now, "front"))
+        time.sleep(0.3)
+        print(f"  scene: {', '.join(moving.names)}; the {moving.moving} moves {moving.direction} between the frames")
+        for r in questions:
+            res = call(AskSpatial, f"{NODE}/ask",
+                       AskSpatial.Request(question=r.question, image_topics=[FRONT], num_frames=2))
+            out = repr(res.answer) if res.success else f"ERROR: {res.error}"
+            print(f"  Q: {r.question}\n     model: {out}   ground truth: {r.answer}   "
+                  f"(frames used: {len(res.frame_stamps)})")
+        show(scene)
+
+        _banner("~/plan action (front camera; feedback streamed; steps executed on the scene's 3D ground truth)")
         if not plan_client.wait_for_server(timeout_sec=30):
             raise RuntimeError("the ~/plan action server did not appear")
+        maker = PlanMaker(scene, "", np.random.default_rng(seed0))
+        plans = [rec for rec in (maker.draw(k, fam) for k, fam in enumerate(("refer", "multistep", "move"))) if rec]
         last = [0]
 
         def on_feedback(msg):
             fb = msg.feedback
             if fb.stage == "generating":
-                if fb.tokens_generated - last[0] >= 8:
+                if fb.tokens_generated - last[0] >= 16:
                     last[0] = fb.tokens_generated
                     print(f"  [{fb.tokens_generated:3d} tokens] {fb.partial_text[-70:]!r}", flush=True)
             else:
                 print(f"  [{fb.stage}]" + (f" queue position {fb.queue_position}" if fb.queue_position else ""), flush=True)
 
-        print(f"instruction: {instruction}")
-        done = threading.Event()
-        holder = {}
+        def steps_text(steps):
+            return "; ".join(f"{s['action']} {s['target']}" + (f" {s['relation']} {s['reference']}" if s.get("reference")
+                                                               else "") for s in steps) or "(no steps)"
 
-        def on_goal(fut):
-            holder["handle"] = fut.result()
-            holder["handle"].get_result_async().add_done_callback(lambda f: (holder.update(result=f.result()), done.set()))
+        plan_ok = 0
+        for rec in plans:
+            instruction = instruction_of(rec)
+            print(f"\ninstruction ({rec.family}): {instruction}")
+            last[0] = 0
+            done = threading.Event()
+            holder = {}
 
-        plan_client.send_goal_async(Plan.Goal(instruction=instruction), feedback_callback=on_feedback).add_done_callback(on_goal)
-        if not done.wait(600):
-            raise RuntimeError("plan: no result")
-        result = holder["result"].result
-        if result.success:
-            print(f"plan ({result.latency_s:.2f} s):")
-            for i, s in enumerate(result.steps, 1):
-                print(f"  {i}. {s.action} {s.target}" + (f" {s.relation} {s.reference}" if s.reference else "")
-                      + (f" ({s.detail})" if s.detail else ""))
-        else:
-            print(f"no plan: {result.error}\n  raw text: {result.raw_text[:200]!r}")
+            def on_goal(fut):
+                holder["handle"] = fut.result()
+                holder["handle"].get_result_async().add_done_callback(
+                    lambda f: (holder.update(result=f.result()), done.set()))
+
+            plan_client.send_goal_async(Plan.Goal(instruction=instruction, image_topics=[FRONT]),
+                                        feedback_callback=on_feedback).add_done_callback(on_goal)
+            if not done.wait(600):
+                raise RuntimeError("plan: no result")
+            result = holder["result"].result
+            truth = steps_text(rec.plan)
+            if not result.success:
+                print(f"  no plan: {result.error}\n  raw text: {result.raw_text[:200]!r}\n  ground truth: {truth}")
+                continue
+            steps = [{"action": s.action, "target": s.target, "reference": s.reference, "relation": s.relation,
+                      "detail": s.detail} for s in result.steps]
+            verdict = judge_plan(scene, steps, rec.goal, rec.movable)
+            plan_ok += verdict.success
+            print(f"  model's plan ({result.latency_s:.2f} s): {steps_text(steps)}\n"
+                  f"  executed on the scene: goal holds after execution: {'yes' if verdict.goal_holds else 'no'}; "
+                  f"{'SUCCESS' if verdict.success else 'FAILED'} ({verdict.reason})\n  ground truth: {truth}")
+        print(f"\nplans that succeeded when executed: {plan_ok}/{len(plans)}")
         if is_random:
             print("\n(REMINDER: random model - the answers above are meaningless; the ground truth is real.)")
         rc = 0
