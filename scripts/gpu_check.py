@@ -2,7 +2,8 @@
 """The CUDA paths and real-size speed of phi3v_spatial, checked in one short run on a GPU machine.
 
 GPU machines are rare here (minutes at a time, start-up included), so this is one command that needs no ROS, no
-download and no install (the package on PYTHONPATH), sized to finish within ``--budget-s`` (8 minutes by default):
+download and no install (the package on PYTHONPATH), sized to finish within 8 minutes (``--budget-s`` 450 s for the
+sections, counted from the start; a watchdog at 470 s):
 
 * builds a real-size Phi-3.5-vision model (the official config, random weights) directly on the GPU in bfloat16;
 * runs the engine's real paths on it: SDPA, float16 and bfloat16, eager vs SDPA, pinned upload, the vision /
@@ -10,7 +11,7 @@ download and no install (the package on PYTHONPATH), sized to finish within ``--
   they import, a LoRA adapter (PEFT);
 * measures, for one 640x480 frame at 4 crops and for a 2-frame window: time to first token, greedy decode tokens/s,
   a 1-relation and an 8-candidate QueryRelations, a follow-up on the same window and peak GPU memory; and how far
-  bf16 (fp16, eager, ...) is from fp32 (greedy answers on 3 prompts, max |dP(yes)| on 8 relations);
+  bf16 (fp16, eager, ...) is from fp32 (greedy tokens on 3 prompts, max |dP(yes)| on 8 relations);
 * prints one table: the GPU, the versions, and each figure beside its roofline (max of FLOPs / peak bf16 FLOP/s
   and bytes moved / memory bandwidth, from a small table of known GPUs; "unknown" otherwise).
 
