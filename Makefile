@@ -10,7 +10,7 @@ ROS_DOMAIN_ID := $(shell echo $$(( ($$$$ % 90) + 10 )))
 endif
 export ROS_DOMAIN_ID
 
-.PHONY: setup demo test bench bench-full embedded clean
+.PHONY: setup demo test bench bench-full embedded gpu-check clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -32,6 +32,12 @@ bench-full: setup
 # Rebuilds the embedded demo model in models/ from scratch (37 minutes on this project's 2-core machine).
 embedded: setup
 	$(VENV)/bin/phi3v-spatial build-embedded --out models
+
+# The CUDA paths and real-size speed in one short run on a GPU machine (prints "no CUDA device: skipped" without one).
+# Needs no .venv and no ROS: any python that imports torch (PYTHON=... to choose), the package from this folder.
+PYTHON ?= $(or $(shell for p in python3 $(VENV)/bin/python python; do $$p -c 'import torch' >/dev/null 2>&1 && { echo $$p; break; }; done),python3)
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build .pytest_cache
