@@ -108,16 +108,10 @@ def ros_venv():
     shutil.rmtree(VENV, ignore_errors=True)
     base_python = getattr(sys, "_base_executable", None) or "python3.11"
     pip = f"{VENV}/bin/pip install -q"
-    fix_exports = (  # the message wheels' CMake exports name the wheel builder's Python (as scripts/setup_venv.sh)
-        f'PYINC=$({VENV}/bin/python -c "import sysconfig;print(sysconfig.get_paths()[\'include\'])")\n'
-        f'NPINC=$({VENV}/bin/python -c "import numpy;print(numpy.get_include())")\n'
-        'sed -i -E -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\\.[0-9]+#${PYINC}#g" '
-        '-e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\\.[0-9]+/site-packages/numpy/_core/include#${NPINC}#g" '
-        f'{VENV}/share/*/cmake/export_*__rosidl_generator_pyExport.cmake\n')
     run(f"{shlex.quote(base_python)} -m venv {VENV}\n"
         f"{pip} --upgrade pip\n"
         f"{pip} {' '.join(shlex.quote(r) for r in ros_requirements())}\n"
-        + fix_exports +
+        f"bash {ROOT}/scripts/fix_ros_wheel_exports.sh {VENV}\n"
         f"bash {ROS2_CLI}/install.sh {VENV}\n"
         f"{pip} {' '.join(colcon_requirements())}\n", cwd=ROOT, timeout=900)
     with open(stamp, "w") as f:
