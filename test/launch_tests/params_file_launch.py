@@ -5,6 +5,7 @@ Run with the upstream `launch_test` in a colcon workspace where phi3v_spatial is
 does); the project's own pytest run does not collect this file (no test_ prefix): it needs `launch` and `launch_ros`.
 """
 import os
+import shutil
 import tempfile
 import unittest
 
@@ -61,4 +62,5 @@ class TestParamsFileUnderNamespace(unittest.TestCase):
 class TestShutdown(unittest.TestCase):
 
     def test_nodes_exit_cleanly(self, proc_info):
+        shutil.rmtree(os.path.dirname(KEYED), ignore_errors=True)
         launch_testing.asserts.assertExitCodes(proc_info)
