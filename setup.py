@@ -1,4 +1,11 @@
-"""ament_python setup for phi3v_spatial (works with colcon and with plain pip)."""
+"""ament_python setup for phi3v_spatial, built by colcon (README.md, "Building on a robot").
+
+colcon puts the executables where `ros2 run` / `ros2 launch` look for them (lib/phi3v_spatial, setup.cfg) and the
+launch, config and model files under share/phi3v_spatial. Plain `pip install .` installs the Python package and the
+`spatial_node` / `phi3v-spatial` commands in bin/, but `ros2 launch` / `ros2 run` do not find them there; `make setup`
+uses pip this way (editable) for development and tests. Dependencies are declared in package.xml (rosdep keys) and
+pinned in requirements.txt (pip), not here, so no build ever pulls a second torch.
+"""
 import os
 from glob import glob
 
@@ -8,7 +15,7 @@ PACKAGE = "phi3v_spatial"
 
 
 def model_files():
-    """The embedded model folders under models/, installed to share/phi3v_spatial/models/ (colcon / pip)."""
+    """The embedded model folders under models/, installed to share/phi3v_spatial/models/."""
     out = []
     for root, _, files in os.walk("models"):
         if files:
@@ -26,8 +33,6 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
     ] + model_files(),
-    install_requires=["setuptools"],
-    zip_safe=True,
     maintainer="phi3v_spatial maintainers",
     maintainer_email="maintainers@phi3v-spatial.dev",
     description="Spatial reasoning for robots with a native Phi-3-vision model, as a ROS 2 node.",

@@ -26,11 +26,7 @@ if ! stamp_ok requirements "$REQ_HASH"; then
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -r "$ROOT/requirements.txt" 2> >(grep -v "^WARNING: Location" >&2)
   # The message wheels' CMake exports point at the wheel builder's Python; re-point them at this venv.
-  PYINC=$("$VENV/bin/python" -c 'import sysconfig;print(sysconfig.get_paths()["include"])')
-  NPINC=$("$VENV/bin/python" -c 'import numpy;print(numpy.get_include())')
-  sed -i -E -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#${PYINC}#g" \
-            -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#${NPINC}#g" \
-      "$VENV"/share/*/cmake/export_*__rosidl_generator_pyExport.cmake
+  bash "$ROOT/scripts/fix_ros_wheel_exports.sh" "$VENV"
   stamp_set requirements "$REQ_HASH"
   rm -f "$STAMPS/interfaces"   # rebuild against the new wheels
 fi

@@ -141,7 +141,7 @@ def test_shipped_params_file_lists_every_parameter(repo_root, ros_context):
 
     path = f"{repo_root}/config/spatial_node.yaml"
     text = open(path).read()
-    values = yaml.safe_load(text)["spatial_node"]["ros__parameters"]
+    values = yaml.safe_load(text)["/**"]["ros__parameters"]
     node = SpatialNode(context=ros_context, parameter_overrides=[Parameter("autostart", value=False)])
     try:
         for name in node._param_names:

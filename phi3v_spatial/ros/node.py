@@ -13,6 +13,7 @@ activate subscribes the cameras and starts serving, deactivate stops the cameras
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import traceback
@@ -42,6 +43,7 @@ from phi3v_spatial_interfaces.action import Plan
 from phi3v_spatial_interfaces.msg import PlanStamped, RelationsStamped
 from phi3v_spatial_interfaces.srv import AskSpatial, QueryRelations, SetAdapter
 
+from . import params_file
 from .messages import (
     compressed_payload, ns_to_stamp, plan_step_to_msg, raw_payload, relation_to_msg, stamp_to_ns,
 )
@@ -784,6 +786,7 @@ def main(args=None) -> int:
     executor = None
     try:
         node = SpatialNode()
+        params_file.warn_unmatched(node, sys.argv if args is None else args)  # a file keyed for another name
         # Every waiting request holds an executor thread; size the pool for the largest queue.max_pending the
         # parameter allows (it can be raised at runtime), plus the running job, cameras, lifecycle and parameters.
         threads = MAX_PENDING_LIMIT + 1 + 6
