@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from phi3v_spatial.replay.bag import BagError, FrameReader, bag_info, choose_topics, open_reader
+from phi3v_spatial.replay.bag_reader import BagError, FrameReader, bag_info, choose_topics, open_reader
 from phi3v_spatial.replay.params import ReplaySettings
-from phi3v_spatial.replay.questions import load_questions
+from phi3v_spatial.replay.question_file import load_questions
 from phi3v_spatial.replay.runner import Replayer
 
 NS = 1_000_000_000
@@ -319,7 +319,7 @@ def _run_cli(*argv):
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_cli_with_params_out_bag_and_synthetic_bag(storage, tmp_path, tiny_model_dir, tokenizer_dir, capsys):
-    from phi3v_spatial.data.bag import write_camera_bag
+    from phi3v_spatial.data.bag_writer import write_camera_bag
 
     frames = [(CAM0, T0 + i * 100_000_000, rgb(i), False) for i in range(6)]
     frames += [(CAM1, T0 + i * 100_000_000 + 50_000_000, rgb(50 + i), True) for i in range(6)]
