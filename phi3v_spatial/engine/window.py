@@ -134,6 +134,9 @@ class _TopicBuffer:
         self.resets = 0
 
 
+_LIMITS = {"num_frames": (int, 1), "min_interval_s": (float, 0), "max_age_s": (float, 0), "capacity": (int, 1)}
+
+
 class FrameWindow:
     """Thread-safe bounded per-topic frame buffers (see the module docstring for the rules)."""
 
@@ -148,23 +151,17 @@ class FrameWindow:
     def configure(self, *, num_frames: int | None = None, min_interval_s: float | None = None,
                   max_age_s: float | None = None, capacity: int | None = None) -> None:
         """Change parameters at runtime (the node's parameter callback); buffers are kept."""
+        values = {"num_frames": num_frames, "min_interval_s": min_interval_s, "max_age_s": max_age_s,
+                  "capacity": capacity}
         with self._lock:
-            if num_frames is not None:
-                if int(num_frames) < 1:
-                    raise ValueError("window.num_frames must be >= 1")
-                self.num_frames = int(num_frames)
-            if min_interval_s is not None:
-                if float(min_interval_s) < 0:
-                    raise ValueError("window.min_interval_s must be >= 0")
-                self.min_interval_s = float(min_interval_s)
-            if max_age_s is not None:
-                if float(max_age_s) < 0:
-                    raise ValueError("window.max_age_s must be >= 0 (0 = no age limit)")
-                self.max_age_s = float(max_age_s)
+            for name, value in values.items():
+                if value is None:
+                    continue
+                kind, low = _LIMITS[name]
+                if kind(value) < low:
+                    raise ValueError(f"window.{name} must be >= {low}" + (" (0 = no age limit)" if name == "max_age_s" else ""))
+                setattr(self, name, kind(value))
             if capacity is not None:
-                if int(capacity) < 1:
-                    raise ValueError("window.capacity must be >= 1")
-                self.capacity = int(capacity)
                 for buf in self._topics.values():
                     buf.keyframes = deque(buf.keyframes, maxlen=self.capacity)
 
