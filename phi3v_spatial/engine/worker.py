@@ -305,7 +305,10 @@ class InferenceWorker:
                 value = job._fn(job)
             except BaseException as exc:  # noqa: BLE001 - reported through the job, never kills the thread
                 error, state = exc, FAILED
-            if error is None and job.cancel_requested:
+            if error is None and self._stopping:
+                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down (node cleaning up or "
+                                            f"exiting)", partial=value), CANCELLED
+            elif error is None and job.cancel_requested:
                 error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
             elif error is None and job.stop_signalled and time.monotonic() >= job.deadline:
                 # only a job the deadline actually cut short; a result completed just after it is kept
@@ -313,8 +316,6 @@ class InferenceWorker:
                     f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
                     f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
                     partial=value), TIMED_OUT
-            elif error is None and self._stopping:
-                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down", partial=value), CANCELLED
             with self._lock:
                 self._running = None
             job._finish(state, value, error)

@@ -21,12 +21,10 @@ import threading
 import time
 import traceback
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
@@ -48,7 +46,7 @@ from .messages import (
     relations_stamped,
 )
 from .parameters import declare_parameters, parameter_value, parameter_values
-from .plan_action import PlanAction, await_reply
+from .plan_action import InFlight, PlanAction, await_reply
 
 # Requests never hold a thread while they wait, so this does not depend on queue.max_pending: camera callbacks,
 # lifecycle / parameter services (configure loads the model), timers, and request callbacks converting messages.
@@ -68,6 +66,8 @@ class SpatialNode(LifecycleNode):
         self._stats = RequestStats()
         self._window = FrameWindow(**window_settings(p))
         self._adapter_param_sync = threading.local()
+        self._in_flight = InFlight()  # request callbacks not finished yet (a shutdown waits for their replies)
+        self._stopping = False
         self._timer_group = MutuallyExclusiveCallbackGroup()
         requests = ReentrantCallbackGroup()
         self.cameras = Cameras(self, self._window, lambda: self._param("image_topics"), MutuallyExclusiveCallbackGroup())
@@ -79,7 +79,7 @@ class SpatialNode(LifecycleNode):
         # Lifecycle publishers publish only while the node is active; diagnostics report in every state.
         self._relations_pub = self.create_lifecycle_publisher(RelationsStamped, "~/relations", 10)
         self._plans_pub = self.create_lifecycle_publisher(PlanStamped, "~/plans", 10)
-        self._plan = PlanAction(self, self._handler, requests, self._plans_pub.publish)
+        self._plan = PlanAction(self, self._handler, requests, self._plans_pub.publish, self._in_flight)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # On a steady clock: under use_sim_time a ROS-time timer stops while /clock is paused or held, and the
         # node would fall silent exactly when someone looks at it (the header stamp is still the node's clock).
@@ -241,19 +241,36 @@ class SpatialNode(LifecycleNode):
                 self.get_logger().warning(f"engine.close() failed: {exc}")
         self._window.clear()
 
-    def release(self) -> None:
-        """Free everything on process exit, whatever the lifecycle state."""
+    def shut_down(self, executor, why: str, timeout_s: float) -> None:
+        """Stop in order (process exit, see ``process.py``): refuse new requests, stop the worker so every request in
+        flight ends now, let the executor deliver their replies (bounded), release the model; one log line."""
+        self._stopping = True
         self.cameras.unsubscribe_all()
+        handler = self._requests
+        if handler is not None:
+            handler.log = None  # the requests it stops are not "refused": the line below says what happened
+        in_flight = self._in_flight.count
         self._release_engine()
+        end = time.monotonic() + timeout_s
+        while self._in_flight.count and time.monotonic() < end:
+            if executor is not None:
+                executor.wake()
+            time.sleep(0.02)
+        left = self._in_flight.count
+        self.get_logger().info(f"stopped on {why}: {in_flight - left} request(s) in flight answered"
+                               + (f", {left} not within {timeout_s:g} s" if left else "")
+                               + ("; model released" if handler is not None else "; no model was loaded"))
 
     # ------------------------------------------------------------------ requests
     def _handler(self, request) -> tuple[RequestHandler | None, Reply | None]:
         """The handler while active (read once: a concurrent cleanup cannot pull it away mid-request), else a
         reply saying why not."""
         handler, state = self._requests, self.lifecycle_state
-        if handler is not None and state == "active":
+        if handler is not None and state == "active" and not self._stopping:
             return handler, None
-        if handler is None:
+        if self._stopping:
+            error = "node is shutting down (SIGINT/SIGTERM); the request was not run"
+        elif handler is None:
             reason = f" ({self._configure_error})" if self._configure_error else ""
             error = (f"node is not configured: the model is not loaded{reason}; configure and activate it "
                      f"(lifecycle services {self.get_fully_qualified_name()}/change_state)")
@@ -266,8 +283,9 @@ class SpatialNode(LifecycleNode):
         return None, reply
 
     async def _serve(self, request, **callbacks) -> Reply:
-        handler, refused = self._handler(request)
-        return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
+        with self._in_flight:
+            handler, refused = self._handler(request)
+            return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
 
     async def _on_ask(self, req: AskSpatial.Request, res: AskSpatial.Response) -> AskSpatial.Response:
         reply = await self._serve(ask_request(req))
@@ -307,25 +325,10 @@ class SpatialNode(LifecycleNode):
 
 
 def main(args=None) -> int:
-    """Console script ``spatial_node``: spin a MultiThreadedExecutor until SIGINT/SIGTERM."""
-    rclpy.init(args=args)
-    node = None
-    executor = None
-    try:
-        node = SpatialNode()
-        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.release()  # stops the worker: requests waiting on jobs get their replies
-        drained = executor.shutdown(timeout_sec=30.0) if executor is not None else True
-        if node is not None and drained:
-            node.destroy_node()  # never under a callback that is still running (that can crash rcl)
-        rclpy.try_shutdown()
-    return 0
+    """Console script ``spatial_node``: serve until SIGINT/SIGTERM, then stop cleanly (``process.py``); exit 0."""
+    from .process import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``~/plan`` action on the request layer: streamed feedback, queue positions, and a cancel that reaches the
 queued or running request at once (not at some later poll), so a queued goal never starts.
 
-Also :func:`await_reply`, how every callback of the node waits for a reply without holding an executor thread.
+Also :func:`await_reply`, how every callback of the node waits for a reply without holding an executor thread, and
+:class:`InFlight`, which counts those callbacks.
 """
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ async def await_reply(executor, pending: PendingReply) -> Reply:
     return await future
 
 
+class InFlight:
+    """How many request callbacks have not finished yet (``with in_flight:``), so a shutdown can wait for them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.count -= 1
+
+
 class _NextSpin:
     """Awaitable that gives the executor one turn (the coroutine resumes at the executor's next wake)."""
 
@@ -44,8 +61,9 @@ class _NextSpin:
 class PlanAction:
     """``~/plan`` of ``node``; ``handler(request)`` gives (RequestHandler, None) or (None, refusal reply)."""
 
-    def __init__(self, node, handler: Callable, callback_group, publish: Callable):
+    def __init__(self, node, handler: Callable, callback_group, publish: Callable, in_flight: InFlight):
         self._node = node
+        self._in_flight = in_flight
         self._handler = handler
         self._publish = publish
         self._lock = threading.Lock()
@@ -65,6 +83,10 @@ class PlanAction:
         return CancelResponse.ACCEPT
 
     async def _execute(self, goal_handle) -> Plan.Result:
+        with self._in_flight:
+            return await self._execute_goal(goal_handle)
+
+    async def _execute_goal(self, goal_handle) -> Plan.Result:
         goal = goal_handle.request
         request = plan_request(goal)
         handler, reply = self._handler(request)
