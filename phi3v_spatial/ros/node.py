@@ -31,7 +31,7 @@ from rclpy.parameter import Parameter
 from phi3v_spatial import paths
 from phi3v_spatial.engine.engine import EngineError, check_adapter
 from phi3v_spatial.engine.requests import (
-    NAMES, AdapterRequest, Reply, RequestHandler, RequestStats, refuse,
+    NAMES, AdapterReply, AdapterRequest, Reply, RequestHandler, RequestStats, refuse,
 )
 from phi3v_spatial.engine.window import FrameWindow
 from phi3v_spatial.engine.worker import InferenceWorker
@@ -278,6 +278,8 @@ class SpatialNode(LifecycleNode):
             error = (f"node is not active (state: {state}); activate it through "
                      f"{self.get_fully_qualified_name()}/change_state")
         reply = refuse(request, error)
+        if isinstance(reply, AdapterReply) and handler is not None:  # what the loaded model runs, as when active
+            reply.active, reply.available = handler.engine.active_adapter, list(handler.engine.available_adapters)
         self._stats.record(reply)
         self.get_logger().warning(f"{NAMES[type(request)]} refused: {error}")
         return None, reply
