@@ -1,8 +1,7 @@
 """``phi3v-spatial``: the command-line entry point.
 
-Each subcommand lives in the package of its concern, as a module exposing ``add_arguments(parser)``
-and ``run(args) -> int``. Those modules import torch/ROS lazily inside ``run`` so that ``--help``
-stays fast.
+Each subcommand is a module of ``phi3v_spatial.commands`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``. Those modules import torch/ROS lazily inside ``run`` so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -12,13 +11,13 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "ask": ("phi3v_spatial.engine.commands.ask", "answer a spatial question about image files"),
-    "synth": ("phi3v_spatial.data.commands.synth", "generate synthetic spatial scenes, questions (and bags)"),
-    "train": ("phi3v_spatial.train.commands.train", "train a LoRA adapter (or a small base model)"),
-    "eval": ("phi3v_spatial.train.commands.evaluate", "evaluate a model/adapter on spatial questions"),
-    "build-embedded": ("phi3v_spatial.train.commands.build_embedded", "rebuild the embedded demo model in models/"),
-    "replay": ("phi3v_spatial.replay.commands.replay", "answer questions offline over a rosbag2 bag"),
-    "bench": ("phi3v_spatial.benchmark.commands.bench", "measure the engine's reuse against the naive path"),
+    "ask": ("phi3v_spatial.commands.ask", "answer a spatial question about image files"),
+    "synth": ("phi3v_spatial.commands.synth", "generate synthetic spatial scenes, questions (and bags)"),
+    "train": ("phi3v_spatial.commands.train", "train a LoRA adapter (or a small base model)"),
+    "eval": ("phi3v_spatial.commands.evaluate", "evaluate a model/adapter on spatial questions"),
+    "build-embedded": ("phi3v_spatial.commands.build_embedded", "rebuild the embedded demo model in models/"),
+    "replay": ("phi3v_spatial.commands.replay", "answer questions offline over a rosbag2 bag"),
+    "bench": ("phi3v_spatial.commands.bench", "measure the engine's reuse against the naive path"),
 }
 
 

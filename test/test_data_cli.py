@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from phi3v_spatial.cli import main
-from phi3v_spatial.data.bag import bag_location, write_camera_bag
+from phi3v_spatial.data.bag_writer import bag_location, write_camera_bag
 from phi3v_spatial.data.records import read_jsonl
 from phi3v_spatial.data.synth import FRAME_PERIOD_NS, SCENE_GAP_NS, SYNTH_EPOCH_NS
 from phi3v_spatial.engine import prompts

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionModel
 
 from phi3v_spatial.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor
-from phi3v_spatial.model.modeling_phi3v import checkpoint_files
+from phi3v_spatial.model.checkpoint import checkpoint_files
 from phi3v_spatial.model.tiny import save_random_checkpoint
 
 MAX_INPUT_ID = int(1e9)

@@ -117,14 +117,14 @@ def test_cleanup_releases_the_engine_in_process(tiny_model_dir, tokenizer_dir, r
         Parameter("image_topics", value=["/inproc/image_raw"])])
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        engine_ref = weakref.ref(node._engine)
-        model_ref = weakref.ref(node._engine.model)
-        worker = node._worker
+        engine_ref = weakref.ref(node._requests.engine)
+        model_ref = weakref.ref(node._requests.engine.model)
+        worker = node._requests.worker
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert node.lifecycle_state == "active"
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
-        assert node.lifecycle_state == "unconfigured" and node._engine is None and not worker.alive
+        assert node.lifecycle_state == "unconfigured" and node._requests is None and not worker.alive
         gc.collect()
         assert engine_ref() is None, gc.get_referrers(engine_ref())
         assert model_ref() is None
@@ -138,15 +138,17 @@ def test_shipped_params_file_lists_every_parameter(repo_root, ros_context):
     from rclpy.parameter import Parameter
 
     from phi3v_spatial.ros.node import SpatialNode
+    from phi3v_spatial.settings import PARAMETERS
 
     path = f"{repo_root}/config/spatial_node.yaml"
     text = open(path).read()
     values = yaml.safe_load(text)["/**"]["ros__parameters"]
     node = SpatialNode(context=ros_context, parameter_overrides=[Parameter("autostart", value=False)])
     try:
-        for name in node._param_names:
+        names = [p.name for p in PARAMETERS]
+        for name in names:
             assert f"{name}:" in text, f"{name} is not documented in {path}"
-        settable = {k: v for k, v in values.items() if k in node._param_names and k not in (
+        settable = {k: v for k, v in values.items() if k in names and k not in (
             "model_path", "device", "dtype", "attn_implementation", "num_crops", "quantization", "relation_batch_size",
             "autostart")}
         results = node.set_parameters([Parameter(k, value=v) for k, v in settable.items()])

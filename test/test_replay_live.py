@@ -44,7 +44,7 @@ def _frames():
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tokenizer_dir, tmp_path_factory):
-    from phi3v_spatial.data.bag import write_camera_bag
+    from phi3v_spatial.data.bag_writer import write_camera_bag
 
     work = tmp_path_factory.mktemp("live")
     bag = write_camera_bag(work / "cams.mcap", _frames())
@@ -127,9 +127,9 @@ def test_live_node_answers_like_replay(setup):
         player.close()
 
     # the same parameter file, through replay
-    from phi3v_spatial.replay.commands.replay import load_engine
+    from phi3v_spatial.commands.replay import load_engine
     from phi3v_spatial.replay.params import ReplaySettings, load_node_params
-    from phi3v_spatial.replay.questions import load_questions
+    from phi3v_spatial.replay.question_file import load_questions
     from phi3v_spatial.replay.runner import Replayer
 
     qfile = work / "questions.yaml"

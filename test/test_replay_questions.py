@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from phi3v_spatial.replay.params import ParamsError, ReplaySettings, load_node_params, node_defaults, resolve_topic
-from phi3v_spatial.replay.questions import QuestionsError, load_questions, resolve_at
+from phi3v_spatial.replay.question_file import QuestionsError, load_questions, resolve_at
 from phi3v_spatial.replay.scoring import format_summary, score, summarize
 
 NS = 1_000_000_000

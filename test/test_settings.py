@@ -37,9 +37,7 @@ def test_without_an_embedded_adapter_there_is_no_default(monkeypatch, tmp_path):
 
 
 def test_adapter_folders_with_the_same_name_both_load():
-    from phi3v_spatial.engine.commands.ask import adapter_names
-
-    assert adapter_names(["/a/spatial", "/b/spatial/", "/c/other"]) == {
+    assert settings.parse_adapters(["/a/spatial", "/b/spatial/", "/c/other"]) == {
         "spatial": "/a/spatial", "spatial-2": "/b/spatial/", "other": "/c/other"}
 
 

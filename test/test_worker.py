@@ -124,3 +124,22 @@ def test_stop_cancels_everything_and_rejects_new_work():
     assert running.state == CANCELLED and queued.state == CANCELLED
     with pytest.raises(JobRejected, match="shut down"):
         w.submit(lambda j: 1)
+
+
+def test_nobody_waits_yet_deadlines_expire_and_positions_are_reported(worker):
+    """What the node's coroutine callbacks rely on: a queued job expires at its deadline with no thread waiting on
+    it (the worker's own deadline thread), done callbacks deliver the end, and on_position every move."""
+    gate, started = threading.Event(), threading.Event()
+    running = worker.submit(blocking(gate, started))
+    assert started.wait(5)
+    positions = {"a": [], "b": []}
+    ended = threading.Event()
+    a = worker.submit(lambda j: "a", timeout_s=0.3, on_position=positions["a"].append)
+    b = worker.submit(lambda j: "b", on_position=positions["b"].append)
+    a.add_done_callback(lambda job: ended.set())
+    assert ended.wait(5), "the queued job did not expire while nobody waited on it"
+    assert a.state == TIMED_OUT and isinstance(a.exception(), JobTimeout) and "while waiting in the queue" in str(a.exception())
+    assert positions == {"a": [1], "b": [2, 1]}  # b moved up when a expired
+    gate.set()
+    assert b.result(10) == "b" and running.result(10) == "finished"
+    assert positions["b"] == [2, 1]  # running is position 0: not reported

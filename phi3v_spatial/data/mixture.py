@@ -10,12 +10,13 @@ Specs (an optional trailing ``:weight``, default 1.0):
 
 ``parse_data_spec(spec) -> DataSpec``; ``load_data_spec(spec, vsr_on_missing="error") -> DataSource``
 (``.records``, ``.root``, ``.weight``, ``.name``; unpacks as ``records, root, weight``);
-``MixtureSampler(sources, seed)``: ``take(n)`` / iteration -> ``(record, root)``.
+``ResumableMixture(sizes, weights, seed)``: the sampling policy, ``next() -> (dataset, index)``, resumable (the
+trainer's); ``MixtureSampler(sources, seed)``: ``take(n)`` / iteration -> ``(record, root)`` by that policy.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -107,42 +108,63 @@ def load_data_specs(specs: Sequence[str], vsr_on_missing: str = "error") -> list
     return [load_data_spec(s, vsr_on_missing) for s in specs]
 
 
-@dataclass
+class ResumableMixture:
+    """Draws (dataset, index) pairs: the dataset by weight, then the next item of that dataset's own shuffled
+    epoch order, so every record of a dataset is seen once per pass however the datasets are weighted. Its whole
+    state is a small dict (draw counts + RNG state; permutations are re-derived from the seed), so a resumed
+    training run draws exactly what an uninterrupted run would have drawn."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+        if not sizes or any(n <= 0 for n in sizes):
+            raise ValueError(f"every dataset needs at least one record (sizes {list(sizes)})")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"dataset weights must be >= 0 and not all 0 (got {list(weights)})")
+        self.sizes = list(sizes)
+        self.probs = w / w.sum()
+        self.seed = seed
+        self.draws = [0] * len(sizes)
+        self.rng = np.random.default_rng([seed, 0xD5])
+        self._perm_cache: dict = {}
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != d}
+            self._perm_cache[key] = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
+        return self._perm_cache[key]
+
+    def next(self) -> tuple[int, int]:
+        d = int(self.rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0
+        k = self.draws[d]
+        self.draws[d] += 1
+        return d, int(self._perm(d, k // self.sizes[d])[k % self.sizes[d]])
+
+    def state_dict(self) -> dict:
+        return {"draws": list(self.draws), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = list(state["draws"])
+        self.rng.bit_generator.state = state["rng"]
+
+
 class MixtureSampler:
-    """Endless seeded stream of ``(record, root)``: a source is drawn with probability weight / sum(weights),
-    then its next record from a per-source permutation (reshuffled each pass), so every record of a source is
-    seen once per pass however the sources are weighted."""
+    """Endless seeded stream of ``(record, root)`` from weighted sources, drawn by :class:`ResumableMixture`."""
 
-    sources: Sequence[DataSource | tuple]
-    seed: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self.sources = [s if isinstance(s, DataSource) else DataSource(*s) for s in self.sources]
+    def __init__(self, sources: Sequence[DataSource | tuple], seed: int = 0):
+        self.sources = [s if isinstance(s, DataSource) else DataSource(*s) for s in sources]
         self.sources = [s for s in self.sources if s.records]
         if not self.sources:
             raise ValueError("mixture has no records (all sources empty)")
-        w = np.array([s.weight for s in self.sources], dtype=np.float64)
-        if np.any(w <= 0) or not np.all(np.isfinite(w)):
-            raise ValueError(f"mixture weights must be positive, got {w.tolist()}")
-        self.probs = w / w.sum()
-        self._rng = np.random.default_rng(self.seed)
-        self._orders = [self._rng.permutation(len(s.records)) for s in self.sources]
-        self._pos = [0] * len(self.sources)
+        self._order = ResumableMixture([len(s.records) for s in self.sources], [s.weight for s in self.sources], seed)
 
     def __iter__(self) -> Iterator[tuple[SpatialRecord, str]]:
         while True:
             yield self.next()
 
     def next(self) -> tuple[SpatialRecord, str]:
-        k = int(self._rng.choice(len(self.sources), p=self.probs))
-        if self._pos[k] >= len(self._orders[k]):
-            self._orders[k] = self._rng.permutation(len(self.sources[k].records))
-            self._pos[k] = 0
-        src = self.sources[k]
-        rec = src.records[int(self._orders[k][self._pos[k]])]
-        self._pos[k] += 1
-        return rec, src.root
+        d, i = self._order.next()
+        return self.sources[d].records[i], self.sources[d].root
 
     def take(self, n: int) -> list[tuple[SpatialRecord, str]]:
         return [self.next() for _ in range(n)]

@@ -113,6 +113,26 @@ def validate_images(images: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_
         raise EngineError(str(e)) from e
 
 
+NO_ADAPTER = "none"
+
+
+def base_model_requested(name: str | None) -> bool:
+    """None, "" or "none" (any case): run the base model, no adapter. The one meaning of "none" in this package."""
+    return name is None or str(name).strip().lower() in ("", NO_ADAPTER)
+
+
+def check_adapter(name: str | None, available: Sequence[str]) -> None:
+    """An adapter name a caller may switch to: a loaded one, or "none" (callers check before queueing a switch)."""
+    if not base_model_requested(name) and name not in available:
+        raise EngineError(f"unknown adapter {name!r}; loaded adapters: {list(available) or 'none'}")
+
+
+def check_text(text: str, what: str) -> None:
+    """A question / instruction must say something."""
+    if not text.strip():
+        raise EngineError(f"the {what} is empty")
+
+
 def check_candidates(candidates) -> None:
     """Candidate relations need subject, relation and object; callers may check before queueing a request."""
     if not candidates:
@@ -203,7 +223,7 @@ class SpatialEngine:
                      model_path=model_path, max_image_pixels=max_image_pixels, options=options, quantization=quant)
         for name, path in (adapters or {}).items():
             engine.load_adapter(name, path)
-        if active_adapter is not None and (adapters or active_adapter not in ("", "none")):
+        if active_adapter is not None and (adapters or not base_model_requested(active_adapter)):
             engine.set_adapter(active_adapter)
         return engine
 
@@ -234,15 +254,13 @@ class SpatialEngine:
 
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Activate a loaded adapter; ``None``, "" or "none" runs the base model."""
-        off = name is None or name.strip().lower() in ("", "none")
         with self._lock:
-            if off:
+            if base_model_requested(name):
                 if self._adapters:
                     self._adapters.activate(None)
                 self.prefix_cache.clear()
                 return
-            if name not in self.available_adapters:
-                raise EngineError(f"unknown adapter {name!r}; loaded adapters: {self.available_adapters or 'none'}")
+            check_adapter(name, self.available_adapters)
             if not (scale > 0):
                 raise EngineError(f"adapter scale must be > 0, got {scale}")
             self._adapters.activate(name, scale)
@@ -299,8 +317,7 @@ class SpatialEngine:
         ``frame_keys``: one hashable identity per image (the node and replay pass (topic, stamp)); the caches
         take images with the same key to be the same picture. Without keys a digest of the pixels is used.
         """
-        if not question.strip():
-            raise EngineError("the question is empty")
+        check_text(question, "question")
         images = validate_images(images, self.max_image_pixels)
         gen = self._generate(prompts.chat_prompt(question.strip(), len(images)), images, max_new_tokens, on_text,
                              should_stop, frame_keys)
@@ -325,8 +342,7 @@ class SpatialEngine:
              on_text: OnText | None = None, should_stop: ShouldStop | None = None,
              frame_keys: Sequence | None = None) -> PlanResult:
         """A plan as PlanStep dicts parsed from the JSON the prompt asks for; ``error`` says why when unparsable."""
-        if not instruction.strip():
-            raise EngineError("the instruction is empty")
+        check_text(instruction, "instruction")
         images = validate_images(images, self.max_image_pixels)
         gen = self._generate(prompts.chat_prompt(prompts.plan_request(instruction.strip()), len(images)), images,
                              max_new_tokens, on_text, should_stop, frame_keys)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -61,6 +61,16 @@ class CompressedPayload:
     data: Any
 
 
+def decode_payload(payload, max_pixels: int | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3 from a RawPayload, a CompressedPayload or an RGB array (ImageDecodeError says why not)."""
+    if isinstance(payload, RawPayload):
+        return decode_raw(payload.encoding, payload.height, payload.width, payload.step, payload.data,
+                          is_bigendian=payload.is_bigendian, max_pixels=max_pixels)
+    if isinstance(payload, CompressedPayload):
+        return decode_compressed(payload.data, payload.format, max_pixels=max_pixels)
+    return validate_image(payload, max_pixels=max_pixels)
+
+
 class Frame:
     """One camera frame; decodes its payload at most once, on first use, off the subscription thread."""
 
@@ -79,14 +89,7 @@ class Frame:
         with self._lock:
             if self._rgb is None and self._error is None:
                 try:
-                    p = self.payload
-                    if isinstance(p, RawPayload):
-                        self._rgb = decode_raw(p.encoding, p.height, p.width, p.step, p.data,
-                                               is_bigendian=p.is_bigendian, max_pixels=max_pixels)
-                    elif isinstance(p, CompressedPayload):
-                        self._rgb = decode_compressed(p.data, p.format, max_pixels=max_pixels)
-                    else:
-                        self._rgb = validate_image(p, max_pixels=max_pixels)
+                    self._rgb = decode_payload(self.payload, max_pixels)
                     self.payload = None  # the decoded array replaces the message buffer
                 except ImageTooLarge as exc:  # the limit may be raised at runtime: try again next time
                     raise ImageTooLarge(f"camera {self.topic}: {exc}") from None
@@ -106,15 +109,10 @@ class Selection:
     frames: list[Frame]
     topics: list[str]
     skew_ns: int = 0  # largest stamp spread across cameras within one slot
-    ages_s: dict = field(default_factory=dict)
 
     @property
     def stamps_ns(self) -> list[int]:
         return [f.stamp_ns for f in self.frames]
-
-    @property
-    def newest_stamp_ns(self) -> int:
-        return max((f.stamp_ns for f in self.frames), default=0)
 
     @property
     def keys(self) -> list[tuple[str, int]]:
@@ -136,6 +134,9 @@ class _TopicBuffer:
         self.resets = 0
 
 
+_LIMITS = {"num_frames": (int, 1), "min_interval_s": (float, 0), "max_age_s": (float, 0), "capacity": (int, 1)}
+
+
 class FrameWindow:
     """Thread-safe bounded per-topic frame buffers (see the module docstring for the rules)."""
 
@@ -150,23 +151,17 @@ class FrameWindow:
     def configure(self, *, num_frames: int | None = None, min_interval_s: float | None = None,
                   max_age_s: float | None = None, capacity: int | None = None) -> None:
         """Change parameters at runtime (the node's parameter callback); buffers are kept."""
+        values = {"num_frames": num_frames, "min_interval_s": min_interval_s, "max_age_s": max_age_s,
+                  "capacity": capacity}
         with self._lock:
-            if num_frames is not None:
-                if int(num_frames) < 1:
-                    raise ValueError("window.num_frames must be >= 1")
-                self.num_frames = int(num_frames)
-            if min_interval_s is not None:
-                if float(min_interval_s) < 0:
-                    raise ValueError("window.min_interval_s must be >= 0")
-                self.min_interval_s = float(min_interval_s)
-            if max_age_s is not None:
-                if float(max_age_s) < 0:
-                    raise ValueError("window.max_age_s must be >= 0 (0 = no age limit)")
-                self.max_age_s = float(max_age_s)
+            for name, value in values.items():
+                if value is None:
+                    continue
+                kind, low = _LIMITS[name]
+                if kind(value) < low:
+                    raise ValueError(f"window.{name} must be >= {low}" + (" (0 = no age limit)" if name == "max_age_s" else ""))
+                setattr(self, name, kind(value))
             if capacity is not None:
-                if int(capacity) < 1:
-                    raise ValueError("window.capacity must be >= 1")
-                self.capacity = int(capacity)
                 for buf in self._topics.values():
                     buf.keyframes = deque(buf.keyframes, maxlen=self.capacity)
 
@@ -284,7 +279,7 @@ class FrameWindow:
                 stamps = [f.stamp_ns for f in slot]
                 skew = max(skew, max(stamps) - min(stamps))
                 frames.extend(slot)
-            return Selection(frames=frames, topics=wanted, skew_ns=skew, ages_s=ages)
+            return Selection(frames=frames, topics=wanted, skew_ns=skew)
 
     def _held(self, topic: str, now_ns: int | None, max_age_ns: int) -> list[Frame]:
         """Keyframes and the latest frame of a camera that are not older than the age limit."""
@@ -313,10 +308,3 @@ class FrameWindow:
                 }
             return out
 
-
-def frames_from_arrays(arrays: Iterable, stamps_ns: Iterable[int] | None = None,
-                       topic: str = "request") -> list[Frame]:
-    """Wrap request-supplied images as Frames so callers treat them like window frames."""
-    arrays = list(arrays)
-    stamps = list(stamps_ns) if stamps_ns is not None else [0] * len(arrays)
-    return [Frame(f"{topic}[{i}]", s, a) for i, (a, s) in enumerate(zip(arrays, stamps))]

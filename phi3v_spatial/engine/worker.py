@@ -14,6 +14,9 @@ Rules:
   :class:`JobTimeout` (carrying whatever partial value the function returned).
 * ``cancel()`` removes a queued job at once; for a running job it makes ``should_stop()`` true, which the
   engine polls before every token, and the job ends as :class:`JobCancelled`.
+* Nobody has to wait on a job for these rules to hold: a second thread of the worker expires queued jobs at
+  their deadlines, done callbacks report the end, and ``on_position`` reports every change of a queued job's
+  place. So callers (the node's async callbacks) need no thread of their own per request.
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ class JobCancelled(JobError):
 class Job:
     """A handle on one submitted job: state, queue position, wait/result, cancel, should_stop."""
 
-    def __init__(self, worker: "InferenceWorker", fn: Callable[["Job"], Any], timeout_s: float, name: str):
+    def __init__(self, worker: "InferenceWorker", fn: Callable[["Job"], Any], timeout_s: float, name: str,
+                 on_position: Callable[[int], None] | None = None):
         self.id = next(InferenceWorker._ids)
         self.name = name or f"job-{self.id}"
         self._worker = worker
@@ -67,6 +71,8 @@ class Job:
         self._value: Any = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[["Job"], None]] = []
+        self._on_position = on_position
+        self._reported_position: int | None = None
 
     # -- caller side ---------------------------------------------------------------------------
     def cancel(self) -> bool:
@@ -163,22 +169,22 @@ class InferenceWorker:
         self._running: Job | None = None
         self.max_pending = int(max_pending)
         self._stopping = False
-        self.completed = 0
-        self.failed = 0
         self.rejected = 0
-        self.last_latency_s: float | None = None
-        self.last_run_s: float | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reap, name=f"{name}-deadlines", daemon=True)
+        self._reaper.start()
 
     # -- submitting ----------------------------------------------------------------------------
-    def submit(self, fn: Callable[[Job], Any], timeout_s: float = 0.0, name: str = "") -> Job:
+    def submit(self, fn: Callable[[Job], Any], timeout_s: float = 0.0, name: str = "",
+               on_position: Callable[[int], None] | None = None) -> Job:
         """Queue ``fn(job)``; raises JobRejected at once when ``max_pending`` jobs already wait.
 
-        ``timeout_s`` <= 0 means no deadline.
+        ``timeout_s`` <= 0 means no deadline. ``on_position(n)`` is called whenever the job's place in the queue
+        changes while it waits (1 = next to run), from the thread that changed it.
         """
         self._expire_due()
-        job = Job(self, fn, timeout_s, name)
+        job = Job(self, fn, timeout_s, name, on_position)
         with self._lock:
             if self._stopping:
                 self.rejected += 1
@@ -191,6 +197,7 @@ class InferenceWorker:
                     f"(queue.max_pending = {self.max_pending}); retry later or raise queue.max_pending")
             self._queue.append(job)
             self._wake.notify_all()
+        self._report_positions()
         return job
 
     def set_max_pending(self, n: int) -> None:
@@ -220,6 +227,19 @@ class InferenceWorker:
         with self._lock:
             return self._running is not None
 
+    def _report_positions(self) -> None:
+        """Tell every waiting job with an ``on_position`` listener its new place, if it changed."""
+        with self._lock:
+            moved = [(job, i + 1) for i, job in enumerate(self._queue)
+                     if job._on_position is not None and job._reported_position != i + 1]
+            for job, pos in moved:
+                job._reported_position = pos
+        for job, pos in moved:
+            try:
+                job._on_position(pos)
+            except Exception:  # noqa: BLE001 - a broken listener must not break the queue
+                pass
+
     # -- cancel / expire -----------------------------------------------------------------------
     def _cancel(self, job: Job) -> bool:
         job._cancel.set()
@@ -231,6 +251,7 @@ class InferenceWorker:
                 finish = False
         if finish:
             job._finish(CANCELLED, error=JobCancelled(f"{job.name} cancelled while queued"))
+            self._report_positions()
             return True
         return job.state == RUNNING
 
@@ -246,6 +267,21 @@ class InferenceWorker:
             job._finish(TIMED_OUT, error=JobTimeout(
                 f"request timed out after {job.timeout_s:g} s while waiting in the queue "
                 f"(request_timeout_s / goal timeout_s); the model is busy with earlier requests"))
+        if expired:
+            self._report_positions()
+
+    def _reap(self) -> None:
+        """Expire queued jobs at their deadlines, also while the model thread is busy with a long job."""
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                due = min((job.deadline for job in self._queue), default=float("inf"))
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(None if left == float("inf") else left)
+                    continue  # re-evaluate: a new job, a stop, or the deadline reached
+            self._expire_due()
 
     # -- the thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -263,12 +299,16 @@ class InferenceWorker:
                 self._running = job
                 job.state = RUNNING
                 job.started = time.monotonic()
+            self._report_positions()
             value, error, state = None, None, DONE
             try:
                 value = job._fn(job)
             except BaseException as exc:  # noqa: BLE001 - reported through the job, never kills the thread
                 error, state = exc, FAILED
-            if error is None and job.cancel_requested:
+            if error is None and self._stopping:
+                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down (node cleaning up or "
+                                            f"exiting)", partial=value), CANCELLED
+            elif error is None and job.cancel_requested:
                 error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
             elif error is None and job.stop_signalled and time.monotonic() >= job.deadline:
                 # only a job the deadline actually cut short; a result completed just after it is kept
@@ -276,16 +316,8 @@ class InferenceWorker:
                     f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
                     f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
                     partial=value), TIMED_OUT
-            elif error is None and self._stopping:
-                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down", partial=value), CANCELLED
             with self._lock:
                 self._running = None
-                self.last_run_s = time.monotonic() - job.started
-                self.last_latency_s = time.monotonic() - job.submitted
-                if state == DONE:
-                    self.completed += 1
-                else:
-                    self.failed += 1
             job._finish(state, value, error)
 
     def stop(self, timeout: float | None = 30.0) -> bool:
@@ -303,6 +335,8 @@ class InferenceWorker:
             running._cancel.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if threading.current_thread() is not self._reaper:
+            self._reaper.join(1.0)
         return not self._thread.is_alive()
 
     @property

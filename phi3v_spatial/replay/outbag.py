@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .bag import BagError, bag_info, fmt_time, open_reader, typestore
+from .bag_reader import BagError, bag_info, fmt_time, open_reader, typestore
 
 IFACE = "phi3v_spatial_interfaces"
 RELATIONS_TYPE = f"{IFACE}/msg/RelationsStamped"

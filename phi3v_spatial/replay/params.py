@@ -8,33 +8,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .. import settings
-from ..settings import NODE_NAME, engine_options, split_topic_spec
+from ..engine.images import DEFAULT_MAX_PIXELS
+from ..settings import (
+    NODE_NAME, ModelSettings, check_value, engine_options, offline_defaults, parse_adapters, resolve_topic,
+)
 
 
 def node_defaults() -> dict:
-    """The node's own defaults (``phi3v_spatial.settings``) for the parameters replay uses.
+    """The node's own defaults (the table in ``phi3v_spatial.settings``) for the parameters replay uses.
 
     One deliberate difference: without an ``image_topics`` entry in the file, replay plays every image topic
     of the bag instead of the node's ``/camera/image_raw``.
     """
-    defaults = settings.node_defaults()
-    keep = ("window.num_frames", "window.min_interval_s", "window.max_age_s", "window.capacity", "max_image_pixels",
-            "generation.max_new_tokens", "plan.max_new_tokens", "model_path", "adapters", "active_adapter", "device",
-            "dtype", "attn_implementation", "num_crops", "quantization", "cache.vision_mb", "cache.prefix_mb",
-            "relation_batch_size")
-    return {"image_topics": [], **{k: defaults[k] for k in keep}}
-
-
-def resolve_topic(spec: str, node_name: str = NODE_NAME, namespace: str = "/") -> str:
-    """A topic as the node resolves an ``image_topics`` entry: ':compressed'/':raw' dropped, made absolute."""
-    spec, _ = split_topic_spec(spec)
-    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
-    if spec.startswith("~"):
-        spec = f"{ns}/{node_name}" + spec[1:]
-    elif not spec.startswith("/"):
-        spec = f"{ns}/{spec}"
-    return "/" + "/".join(x for x in spec.split("/") if x)
+    return {**offline_defaults(), "image_topics": []}
 
 
 class ParamsError(Exception):
@@ -84,28 +70,6 @@ def load_node_params(path: str | os.PathLike | None, node_name: str = NODE_NAME)
     return {**wildcard, **own}
 
 
-def parse_adapters(value) -> dict[str, str]:
-    """The ``adapters`` parameter: a list of ``name=path`` (replay also takes bare paths, named after their folder)."""
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    if isinstance(value, str):
-        value = [value]
-    out: dict[str, str] = {}
-    for item in value:
-        item = str(item).strip()
-        if not item:
-            continue
-        if "=" in item:
-            name, path = item.split("=", 1)
-        else:
-            path = item
-            name = os.path.basename(os.path.normpath(path))
-        out[name.strip()] = os.path.expanduser(path.strip())
-    return out
-
-
 @dataclass
 class ReplaySettings:
     """Everything that decides which frames are used and what the model answers."""
@@ -115,7 +79,7 @@ class ReplaySettings:
     min_interval_s: float = 0.0
     max_age_s: float = 2.0
     capacity: int = 8
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_new_tokens: int = 128
     plan_max_new_tokens: int = 256
     model_path: str = ""
@@ -130,36 +94,42 @@ class ReplaySettings:
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
+        """From parameter values (a params file's, or none), checked against the table as the node checks them."""
         p = {**node_defaults(), **params}
         try:
-            settings = cls(
-                image_topics=[resolve_topic(t) for t in (p["image_topics"] or []) if str(t).strip()],
-                num_frames=int(p["window.num_frames"]),
-                min_interval_s=float(p["window.min_interval_s"]),
-                max_age_s=float(p["window.max_age_s"]),
-                capacity=int(p["window.capacity"]),
-                max_image_pixels=int(p["max_image_pixels"]),
-                max_new_tokens=int(p["generation.max_new_tokens"]),
-                plan_max_new_tokens=int(p["plan.max_new_tokens"]),
-                model_path=str(p["model_path"] or ""),
-                adapters=parse_adapters(p["adapters"]),
-                active_adapter=str(p["active_adapter"] or ""),
-                device=str(p["device"] or "auto"),
-                dtype=str(p["dtype"] or "auto"),
-                attn_implementation=str(p["attn_implementation"] or "auto"),
-                num_crops=int(p["num_crops"] or 0),
-                quantization=str(p["quantization"] or "none"),
-                engine_options=engine_options(p),
-            )
-        except (TypeError, ValueError) as e:
+            v = {name: check_value(name, p[name]) for name in node_defaults()}
+            adapters = parse_adapters(v["adapters"])
+        except ValueError as e:
             raise ParamsError(f"parameters from {source}: {e}") from None
-        return settings
+        return cls(
+            image_topics=[resolve_topic(t) for t in v["image_topics"] if t.strip()],
+            num_frames=v["window.num_frames"], min_interval_s=v["window.min_interval_s"],
+            max_age_s=v["window.max_age_s"], capacity=v["window.capacity"], max_image_pixels=v["max_image_pixels"],
+            max_new_tokens=v["generation.max_new_tokens"], plan_max_new_tokens=v["plan.max_new_tokens"],
+            model_path=v["model_path"], adapters=adapters, active_adapter=v["active_adapter"].strip(),
+            device=v["device"] or "auto", dtype=v["dtype"] or "auto",
+            attn_implementation=v["attn_implementation"] or "auto", num_crops=v["num_crops"],
+            quantization=v["quantization"] or "none", engine_options=engine_options(v))
+
+    def model(self) -> ModelSettings:
+        """What the node's configure would load from the same parameters."""
+        return ModelSettings(self.model_path, self.adapters, self.active_adapter, self.device, self.dtype,
+                             self.attn_implementation, self.num_crops, self.quantization, self.max_image_pixels,
+                             self.engine_options)
 
     def check(self) -> None:
         """The node's configure-time check: the active adapter must be one of the loaded ones."""
-        active = self.active_adapter.strip()
-        if active and active.lower() != "none" and active not in self.adapters:
-            raise ParamsError(f"active_adapter {active!r} is not among the adapters ({list(self.adapters) or 'none'})")
+        try:
+            self.model().check()
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
+
+    def serving(self):
+        """The request layer's settings; offline there is no deadline (every question is answered)."""
+        from ..engine.requests import ServingSettings
+
+        return ServingSettings(max_new_tokens=self.max_new_tokens, plan_max_new_tokens=self.plan_max_new_tokens,
+                               request_timeout_s=0.0, max_image_pixels=self.max_image_pixels)
 
     def window_kwargs(self) -> dict:
         return {"num_frames": self.num_frames, "min_interval_s": self.min_interval_s,

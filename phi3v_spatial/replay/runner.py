@@ -1,25 +1,24 @@
 """Offline replay: feed a bag's camera frames through the node's FrameWindow and answer questions at bag times.
 
 The point is that replay and the live node give the same answers for the same frames: frames go into the
-same :class:`~phi3v_spatial.engine.window.FrameWindow` (same parameters, header-stamp order), requests are
-completed with the node's defaults (``num_frames`` / ``max_new_tokens`` = 0 -> the parameters), and the same
-:class:`~phi3v_spatial.engine.engine.SpatialEngine` calls answer them. Time is the header-stamp clock: a
-question at time T sees every frame stamped <= T and none after, with T as the window's ``now``.
+same :class:`~phi3v_spatial.engine.window.FrameWindow` (same parameters, header-stamp order), and each question
+is the node's request, answered by the node's request layer (:class:`~phi3v_spatial.engine.requests.RequestHandler`:
+defaults, frame selection and decoding, frame keys, the engine call, error texts). Time is the header-stamp
+clock: a question at time T sees every frame stamped <= T and none after, with T as the window's ``now``.
 """
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine.engine import EngineError
-from ..engine.images import ImageDecodeError
 from ..engine.parsing import Relation
-from ..engine.window import FrameWindow, WindowError
-from .bag import NS, BagError, BagInfo, FrameReader, bag_info, choose_topics, fmt_time, open_reader
+from ..engine.requests import FRAMES, OUTPUT, RequestHandler
+from ..engine.window import FrameWindow
+from ..engine.worker import InferenceWorker
+from .bag_reader import NS, BagError, BagInfo, FrameReader, bag_info, choose_topics, fmt_time, open_reader
 from .params import ReplaySettings, resolve_topic
-from .questions import Question, resolve_at
+from .question_file import Question, resolve_at
 from .scoring import score, summarize
 
 # Header stamps this far from the recording times mean the camera stamps with another clock.
@@ -74,6 +73,7 @@ class Replayer:
             warnings.append(text)
             self._warn_cb(text)
 
+        worker = None
         try:
             reader = open_reader(bag_path)
         except BagError as e:
@@ -91,6 +91,10 @@ class Replayer:
             window = FrameWindow(**self.settings.window_kwargs())
             for t in chosen:
                 window.add_topic(t)  # subscribed, like the node: 'silent' is then told apart from 'unknown'
+            # frame keys carry the bag: two bags never share the engine's cache entries
+            worker = InferenceWorker(max_pending=1, name="replay")
+            requests = RequestHandler(self.engine, worker, window=window, settings=self.settings.serving(),
+                                      resolve_topic=resolve_topic, key_scope=(bag_path,))
             frames = FrameReader(reader, info, chosen, progress=self.progress)
             frames.index()
             report = frames.report
@@ -103,7 +107,7 @@ class Replayer:
                      f"{(frames.first_stamp_ns - info.start_ns) / NS:+.1f} s from the recording start "
                      f"({fmt_time(info.start_ns)}): the cameras stamp with another clock; relative 'at' values count "
                      f"from the recording start, so give absolute stamps instead")
-            ctx = _Context(bag_path, info, problems, window, report)
+            ctx = _Context(bag_path, info, problems, window, report, requests)
 
             timed: list[tuple[int, int, Question]] = []
             at_end: list[Question] = []
@@ -144,6 +148,8 @@ class Replayer:
                                  warnings=warnings, window_stats=window.stats())
         finally:
             reader.close()
+            if worker is not None:
+                worker.stop()
 
     # ------------------------------------------------------------------ one question
     @staticmethod
@@ -189,40 +195,23 @@ class Replayer:
             if t not in ctx.window.topics:
                 raise _Unanswerable(f"{where}: camera topic {t} is not replayed (replayed: "
                                     f"{', '.join(ctx.window.topics) or 'none'}; choose with --topics or image_topics)")
-        try:
-            sel = ctx.window.select(topics or None, q.num_frames or None, now_ns)
-        except WindowError as e:
+        reply = ctx.requests.handle(q.request(), now_ns=now_ns)
+        out = {}
+        if reply.frames:
+            out["topics"] = list(reply.topics)
+            out["frame_stamps"] = [stamp_dict(f.stamp_ns, f.topic) for f in reply.frames]
+        if q.type == "ask":
+            out.update(answer=reply.answer, raw_text=reply.answer, relations=[relation_dict(x) for x in reply.relations],
+                       tokens_generated=reply.tokens_generated)
+        elif q.type == "relations":
+            out.update(relations=[relation_dict(x) for x in reply.relations])
+        else:
+            out.update(steps=reply.steps, raw_text=reply.raw_text, tokens_generated=reply.tokens_generated)
+        if reply.error_kind == FRAMES:
             first = ctx.info.start_ns
-            raise _Unanswerable(f"{where} ({(now_ns - first) / NS:+.3f} s from the bag start): {e}") from None
-        out = {"topics": list(sel.topics),
-               "frame_stamps": [stamp_dict(f.stamp_ns, f.topic) for f in sel.frames]}
-        try:
-            images = sel.images(self.settings.max_image_pixels)
-        except ImageDecodeError as e:
-            raise _Unanswerable(f"{where}: {e}") from None
-        # Frame identity for the engine's caches, as the node's (topic, stamp), made unique across bags.
-        keys = [(ctx.bag_path, topic, stamp) for topic, stamp in sel.keys]
-        t0 = time.perf_counter()
-        try:
-            if q.type == "ask":
-                r = self.engine.ask(q.question, images, max_new_tokens=q.max_new_tokens or self.settings.max_new_tokens,
-                                    frame_keys=keys)
-                out.update(answer=r.answer, raw_text=r.answer, relations=[relation_dict(x) for x in r.relations],
-                           tokens_generated=r.tokens_generated)
-            elif q.type == "relations":
-                rels = self.engine.query_relations(q.candidates, images, frame_keys=keys)
-                out.update(relations=[relation_dict(x) for x in rels])
-            else:
-                r = self.engine.plan(q.instruction, images,
-                                     max_new_tokens=q.max_new_tokens or self.settings.plan_max_new_tokens,
-                                     frame_keys=keys)
-                out.update(steps=r.steps, raw_text=r.raw_text, tokens_generated=r.tokens_generated,
-                           error=r.error and f"could not parse a plan from the model output: {r.error}")  # as the node says
-        except EngineError as e:
-            out["error"] = f"{where}: {e}"
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this question fails, the others still run
-            out["error"] = f"{where}: unexpected {type(e).__name__}: {e}"
-        out["latency_s"] = time.perf_counter() - t0
+            raise _Unanswerable(f"{where} ({(now_ns - first) / NS:+.3f} s from the bag start): {reply.error}")
+        out["error"] = reply.error if reply.error_kind in ("", OUTPUT) else f"{where}: {reply.error}"
+        out["latency_s"] = reply.latency_s
         return out
 
 
@@ -237,3 +226,4 @@ class _Context:
     problems: dict[str, str]
     window: FrameWindow
     report: object
+    requests: RequestHandler

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from ..engine.parsing import canonical_relation
-from .questions import STEP_KEYS
+from .question_file import STEP_KEYS
 
 _ARTICLES = {"a", "an", "the"}
 

@@ -6,7 +6,7 @@ needs the node to see the bag's frames under the bag's clock (``use_sim_time: tr
 recorder stored. Unlike ``ros2 bag play`` it is stepped, not real-time: ``play_until(t)`` publishes what was
 recorded up to ``t`` and then holds ``/clock`` at ``t`` until the next step, so a test can ask its question at
 a precise bag time. It lives in ``phi3v_spatial.ros`` because it imports rclpy; the bag reading it shares with
-replay (``phi3v_spatial.replay.bag``) is ROS-free.
+replay (``phi3v_spatial.replay.bag_reader``) is ROS-free.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import importlib
 import threading
 import time
 
-from phi3v_spatial.replay.bag import open_reader
+from phi3v_spatial.replay.bag_reader import open_reader
 
 
 def message_class(msgtype: str):

@@ -15,11 +15,12 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..data.mixture import ResumableMixture
 from .collator import SpatialCollator
 
 CHECKPOINT_DIR = "checkpoints"
@@ -68,51 +69,10 @@ class TrainConfig:
     save_dtype: str | None = None      # full mode: dtype of the saved checkpoint (e.g. float16 for the embedded model)
     log_every: int = 10
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: weighted mixture of record lists, sampled without replacement inside each dataset
-
-class ResumableMixture:
-    """Draws (dataset, index) pairs: the dataset by weight, then the next item of that dataset's own
-    shuffled epoch order (the policy of ``data.mixture.MixtureSampler``). Unlike that sampler its whole
-    state is a small dict (draw counts + RNG state; permutations are re-derived from the seed), so a
-    resumed run draws exactly what an uninterrupted run would have drawn."""
-
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
-        if not sizes or any(n <= 0 for n in sizes):
-            raise ValueError(f"every dataset needs at least one record (sizes {list(sizes)})")
-        w = np.asarray(weights, dtype=np.float64)
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"dataset weights must be >= 0 and not all 0 (got {list(weights)})")
-        self.sizes = list(sizes)
-        self.probs = w / w.sum()
-        self.seed = seed
-        self.draws = [0] * len(sizes)
-        self.rng = np.random.default_rng([seed, 0xD5])
-        self._perm_cache: dict = {}
-
-    def _perm(self, d: int, epoch: int) -> np.ndarray:
-        key = (d, epoch)
-        if key not in self._perm_cache:
-            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != d}
-            self._perm_cache[key] = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
-        return self._perm_cache[key]
-
-    def next(self) -> tuple[int, int]:
-        d = int(self.rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0
-        k = self.draws[d]
-        self.draws[d] += 1
-        return d, int(self._perm(d, k // self.sizes[d])[k % self.sizes[d]])
-
-    def state_dict(self) -> dict:
-        return {"draws": list(self.draws), "rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.draws = list(state["draws"])
-        self.rng.bit_generator.state = state["rng"]
-
+# Data: weighted mixture of record lists (``data.mixture.ResumableMixture``)
 
 def load_sources(specs: Sequence[str]) -> list[tuple[list, float, str]]:
     """``--data`` specs -> [(items [(record, root)], weight, name)] through ``data.mixture``."""

@@ -23,7 +23,7 @@ def run(args) -> int:
     import os
     from dataclasses import fields
 
-    from ..embedded import Recipe, build  # does not import torch yet (OMP_WAIT_POLICY below must come first)
+    from ..train.embedded import Recipe, build  # does not import torch yet (OMP_WAIT_POLICY below must come first)
 
     overrides = {}
     if args.recipe:

@@ -54,6 +54,17 @@ class Question:
         """Question time in ns (header-stamp clock), or None for ``end``; raises ValueError on a bad ``at``."""
         return resolve_at(self.at, start_ns)
 
+    def request(self):
+        """The request of the node interface this entry replays, for the request layer (``engine/requests.py``)."""
+        from ..engine.requests import AskRequest, PlanRequest, RelationsRequest
+
+        frames = {"topics": list(self.topics), "num_frames": self.num_frames}
+        if self.type == "ask":
+            return AskRequest(question=self.question, max_new_tokens=self.max_new_tokens, **frames)
+        if self.type == "relations":
+            return RelationsRequest(candidates=list(self.candidates), **frames)
+        return PlanRequest(instruction=self.instruction, max_new_tokens=self.max_new_tokens, **frames)
+
 
 def _seconds_to_ns(value) -> int:
     try:

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from ..trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     return TrainConfig(
         base=args.base, data=list(args.data), out=args.out, full=args.full,
@@ -70,7 +70,7 @@ def config_from_args(args):
 def run(args) -> int:
     import json
 
-    from ..trainer import train
+    from ..train.trainer import train
 
     summary = train(config_from_args(args))
     print(json.dumps(summary, indent=1))

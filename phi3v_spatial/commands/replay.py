@@ -41,42 +41,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace):
     """Node parameters from --params, then the CLI's overrides; model/adapters default like the node's."""
-    from ...engine.commands.ask import adapter_names
-    from ...settings import resolve_model_and_adapters
-    from ..params import ReplaySettings, load_node_params
+    from ..replay.params import ParamsError, ReplaySettings, load_node_params
+    from ..settings import cli_overrides, resolve_model_and_adapters
 
-    settings = ReplaySettings.from_params(load_node_params(args.params or None), args.params or "defaults")
-    if args.max_new_tokens:
-        settings.max_new_tokens = args.max_new_tokens
-    if args.plan_max_new_tokens:
-        settings.plan_max_new_tokens = args.plan_max_new_tokens
-    if args.device:
-        settings.device = args.device
-    if args.dtype:
-        settings.dtype = args.dtype
-    if args.model:
-        settings.model_path = args.model
-    if args.adapter:
-        settings.adapters = adapter_names(args.adapter)
-        settings.active_adapter = list(settings.adapters)[-1]
+    params = load_node_params(args.params or None)
+    for name, value in (("generation.max_new_tokens", args.max_new_tokens), ("plan.max_new_tokens",
+                        args.plan_max_new_tokens), ("device", args.device), ("dtype", args.dtype)):
+        if value:
+            params[name] = value
+    try:
+        params.update(cli_overrides(args.model, args.adapter, args.no_adapter))
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
+    settings = ReplaySettings.from_params(params, args.params or "defaults")
     settings.model_path, settings.adapters, settings.active_adapter = resolve_model_and_adapters(
         settings.model_path, settings.adapters, settings.active_adapter)
-    if args.no_adapter:
-        settings.adapters, settings.active_adapter = {}, ""
     settings.check()
     return settings
 
 
 def load_engine(settings):
     """The SpatialEngine the node would build from the same parameters."""
-    from ...engine.engine import SpatialEngine
-
-    return SpatialEngine.from_pretrained(
-        settings.model_path, adapters=settings.adapters, active_adapter=settings.active_adapter or None,
-        device=settings.device, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
-        num_crops=settings.num_crops or None, max_image_pixels=settings.max_image_pixels,
-        options=settings.engine_options,
-        quantization=settings.quantization)
+    return settings.model().load()
 
 
 def write_results(results: list[dict], out: str) -> None:
@@ -90,13 +76,13 @@ def write_results(results: list[dict], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...engine.engine import EngineError
-    from ..bag import BagError
-    from ..outbag import write_out_bag
-    from ..params import ParamsError, resolve_topic
-    from ..questions import QuestionsError, load_questions
-    from ..runner import Replayer
-    from ..scoring import format_summary
+    from ..engine.engine import EngineError
+    from ..replay.bag_reader import BagError
+    from ..replay.outbag import write_out_bag
+    from ..replay.params import ParamsError, resolve_topic
+    from ..replay.question_file import QuestionsError, load_questions
+    from ..replay.runner import Replayer
+    from ..replay.scoring import format_summary
 
     log = sys.stderr if args.out == "-" else sys.stdout
     try:

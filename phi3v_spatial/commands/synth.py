@@ -24,7 +24,7 @@ def _objects(text: str) -> tuple[int, int]:
 
 
 def _size(text: str) -> tuple[int, int]:
-    from ..synth import parse_size
+    from ..data.synth import parse_size
 
     try:
         return parse_size(text)
@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import yaml
 
-    from ..bag import CameraBagWriter, bag_location
-    from ..questions import KINDS, camera_topic, replay_entries
-    from ..synth import SYNTH_EPOCH_NS, generate_dataset
+    from ..data.bag_writer import CameraBagWriter, bag_location
+    from ..data.questions import KINDS, camera_topic, replay_entries
+    from ..data.synth import SYNTH_EPOCH_NS, generate_dataset
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or None
     bad = [k for k in (kinds or []) if k not in KINDS]

@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import json
 
-    from ..evaluate import evaluate_records, format_table, load_scorer, select_items, write_report
-    from ..trainer import load_sources
+    from ..train.evaluate import evaluate_records, format_table, load_scorer, select_items, write_report
+    from ..train.trainer import load_sources
 
     items = select_items(load_sources(args.data), args.limit, args.seed)
     scorer = load_scorer(args.model, args.adapter, device=args.device, dtype=args.dtype, num_crops=args.num_crops,

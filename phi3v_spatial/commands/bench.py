@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def full_vision_checkpoint(out_dir: str) -> str:
     """Random official-layout checkpoint: CLIP ViT-L/14 @ 336 px (the released tower) + a small language model."""
-    from ...model.tiny import save_random_checkpoint
-    from ...paths import default_model_dir
+    from ..model.tiny import save_random_checkpoint
+    from ..paths import default_model_dir
 
     return save_random_checkpoint(out_dir, default_model_dir(), seed=0, num_crops=4, n_shards=2, hidden_size=512,
                                   intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
@@ -48,11 +48,10 @@ def full_vision_checkpoint(out_dir: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...engine.commands.ask import adapter_names
-    from ...engine.engine import EngineError
-    from ...settings import node_defaults, resolve_model_and_adapters
-    from ..engine_bench import BenchConfig, format_result
-    from ..engine_bench import run as run_bench
+    from ..engine.engine import EngineError
+    from ..settings import ModelSettings, cli_overrides
+    from ..benchmark.engine_bench import BenchConfig, format_result
+    from ..benchmark.engine_bench import run as run_bench
 
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
@@ -68,21 +67,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tmp = None
     model = args.model
-    adapters = adapter_names(args.adapter)
-    active = list(adapters)[-1] if adapters else ""
     if model == "full-vision":
         tmp = tempfile.TemporaryDirectory(prefix="phi3v-bench-")
         print("building a random checkpoint with the full-size CLIP tower ...", file=sys.stderr)
         model = full_vision_checkpoint(os.path.join(tmp.name, "ckpt"))
     elif model == "embedded":
         model = ""
-        if not args.adapter:
-            d = node_defaults()
-            adapters = dict(e.split("=", 1) for e in d["adapters"])
-            active = d["active_adapter"]
-    model, adapters, active = resolve_model_and_adapters(model, adapters, active)
-    if args.no_adapter:
-        adapters, active = {}, ""
+    m = ModelSettings.from_params(cli_overrides(model, args.adapter, args.no_adapter))
+    model, adapters, active = m.model_path, m.adapters, m.active_adapter
     cfg = BenchConfig(model=model, adapters=adapters, active_adapter=active, device=args.device, dtype=args.dtype,
                       num_crops=args.num_crops, vision_crops=args.vision_crops, frames=args.frames, size=(w, h),
                       candidates=args.candidates, repeat=args.repeat, max_new_tokens=args.max_new_tokens)

@@ -1,0 +1,69 @@
+"""The ``spatial_node`` process: serve until SIGINT/SIGTERM, then stop in order and exit 0, whatever signals follow.
+
+Why not rclpy's own signal handlers: they shut the ROS context down at the first signal, so the replies of
+requests still in flight (a plan goal that is generating) could no longer be sent; and a second signal (a
+terminal's Ctrl-C reaches the whole process group, and ``ros2 launch`` forwards it again) raised
+KeyboardInterrupt inside the cleanup, which launch reported as "process has died". So rclpy is initialised with
+``SignalHandlerOptions.NO`` and these handlers only note a signal: the first one starts the stop, later ones are
+counted and change nothing. The stop (``SpatialNode.shut_down``): new requests are refused, the worker is
+stopped (a running generation ends within a token, queued requests at once) and the executor keeps spinning
+until their callers have their replies (a goal is aborted with a reason), the model is released, one log line
+says so; then the executor and the context shut down and the process exits 0.
+
+The executor spins on its own thread, so the main thread waits on an Event, where a signal handler runs at once.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
+
+STOP_TIMEOUT_S = 10.0  # for the replies of requests in flight; ros2 launch escalates to SIGTERM after 5 s, kill after 10
+
+
+def run(args=None) -> int:
+    from . import params_file
+    from .node import EXECUTOR_THREADS, SpatialNode
+
+    received: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    node = executor = None
+    try:
+        node = SpatialNode()
+        params_file.warn_unmatched(node, sys.argv if args is None else args)  # a file keyed for another name
+        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        executor.add_node(node)
+        threading.Thread(target=_spin, args=(executor, stop), name="executor", daemon=True).start()
+        stop.wait()
+    finally:
+        drained = True
+        if node is not None:
+            why = signal.Signals(received[0]).name if received else "ROS shutdown"
+            node.shut_down(executor, why, STOP_TIMEOUT_S)
+        if executor is not None:
+            drained = executor.shutdown(timeout_sec=STOP_TIMEOUT_S)
+        if node is not None and drained:
+            node.destroy_node()  # never under a callback that is still running (that can crash rcl)
+        rclpy.try_shutdown()
+    return 0
+
+
+def _spin(executor, stop: threading.Event) -> None:
+    try:
+        executor.spin()
+    except ExternalShutdownException:
+        pass
+    finally:
+        stop.set()  # the context was shut down from elsewhere: stop too

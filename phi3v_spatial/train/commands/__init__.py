@@ -1,1 +1,0 @@
-"""CLI subcommands of this package (see phi3v_spatial/cli.py)."""
