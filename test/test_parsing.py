@@ -74,3 +74,23 @@ def test_yes_no_answer_to_a_relation_question_states_it():
     assert (r.subject, r.relation, r.object, r.holds) == ("red cube", "closer to the camera than", "blue sphere", False)
     assert relation_from_question(q, "maybe") == []
     assert canonical_relation("To the right of") == "right of"
+
+
+def test_plan_reply_object_with_reason_or_missing_objects():
+    from phi3v_spatial.engine.parsing import parse_plan_reply
+
+    steps = [{"action": "pick", "target": "red cube", "reference": "", "relation": "", "detail": ""},
+             {"action": "place", "target": "red cube", "reference": "blue sphere", "relation": "left of", "detail": ""}]
+    reply = parse_plan_reply(prompts.plan_reply(steps))
+    assert reply.steps == steps and reply.reason == "" and reply.missing == [] and reply.failure == ""
+    assert prompts.plan_reply(steps).count('"detail"') == 0   # empty fields are left out of the target text
+    done = parse_plan_reply(prompts.plan_reply([], reason=prompts.PLAN_DONE_REASON))
+    assert done.steps == [] and done.reason == "already done" and done.failure == ""
+    missing = parse_plan_reply(prompts.plan_reply([], missing=["green cone"]))
+    assert missing.steps == [] and missing.missing == ["green cone"] and "green cone" in missing.failure
+    cut = prompts.plan_reply(steps)[:-30]   # cut off by the token limit inside the second step
+    assert parse_plan_reply(cut).steps == steps[:1]
+    with pytest.raises(PlanParseError, match="no reason"):
+        parse_plan_reply('{"steps": []}')
+    with pytest.raises(PlanParseError):
+        parse_plan(prompts.plan_reply([], reason="already done"))   # parse_plan wants steps

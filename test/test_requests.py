@@ -77,3 +77,31 @@ def test_a_full_queue_and_a_cancelled_plan(handler):
     reply = pending.result(60)
     assert started.is_set() and reply.cancelled and not reply.success and reply.error_kind == R.QUEUE, reply
     assert reply.error == f"cancelled by the client after {reply.tokens_generated} token(s)" and reply.raw_text
+
+
+def test_plan_replies_refuse_missing_objects_and_keep_the_reason_of_an_empty_plan():
+    """What the parser reads from the model becomes the reply: an object not in view is a failure that names it
+    (no steps), "already done" is a success with no steps and that reason, a plan is a success with its steps."""
+    from phi3v_spatial.engine.engine import PlanResult
+    from phi3v_spatial.engine.parsing import parse_plan_reply
+
+    def reply_for(text):
+        parsed = parse_plan_reply(text)
+        reply = R.PlanReply()
+        R._fill_plan(reply, PlanResult(parsed.steps, text, "", 9, reason=parsed.reason, missing=parsed.missing), False)
+        return reply
+
+    missing = reply_for('{"steps": [], "missing": ["green cone"]}')
+    assert not missing.success and missing.error_kind == R.REFUSED and missing.steps == []
+    assert missing.error == "no plan: the green cone is not in view"
+    two = reply_for('{"steps": [], "missing": ["green cone", "red cube"], "reason": "look elsewhere"}')
+    assert two.error == "no plan: the green cone and the red cube are not in view (look elsewhere)"
+    done = reply_for('{"steps": [], "reason": "already done"}')
+    assert done.success and done.steps == [] and done.reason == "already done" and not done.error
+    plan = reply_for('{"steps": [{"action": "pick", "target": "red cube"}, {"action": "place", "target": "red cube", '
+                     '"reference": "blue cone", "relation": "left of"}]}')
+    assert plan.success and [s["action"] for s in plan.steps] == ["pick", "place"] and plan.reason == ""
+    assert plan.steps[1]["reference"] == "blue cone" and plan.steps[0]["detail"] == ""
+    bad = R.PlanReply()
+    R._fill_plan(bad, PlanResult([], "red cube", "no JSON list of steps in the model output: 'red cube'", 2), False)
+    assert not bad.success and bad.error_kind == R.OUTPUT and bad.error.startswith("could not parse a plan")

@@ -26,7 +26,7 @@ import numpy as np
 from . import prompts
 from .cache import ImageEmbedding, PrefixCache, PrefixEntry, VisionCache, content_key
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, validate_image
-from .parsing import PlanParseError, Relation, parse_plan, relation_from_question, relations_from_text
+from .parsing import PlanParseError, Relation, parse_plan_reply, relation_from_question, relations_from_text
 from .streaming import TextStream
 
 OnText = Callable[[str, int], None]
@@ -49,11 +49,16 @@ class AskResult:
 
 @dataclass
 class PlanResult:
+    """``steps`` as PlanStep dicts; ``reason`` why there are none when the model says so ("already done");
+    ``missing`` the objects the model says are not in view (then the plan is a refusal, not an empty plan)."""
+
     steps: list[dict]
     raw_text: str
     error: str = ""
     tokens_generated: int = 0
     cancelled: bool = False
+    reason: str = ""
+    missing: list = field(default_factory=list)
 
 
 @dataclass
@@ -349,10 +354,10 @@ class SpatialEngine:
         if gen.cancelled:
             return PlanResult([], gen.text, "cancelled", gen.tokens, True)
         try:
-            steps = parse_plan(gen.text)
+            reply = parse_plan_reply(gen.text)
         except PlanParseError as e:
             return PlanResult([], gen.text, str(e), gen.tokens)
-        return PlanResult(steps, gen.text, "", gen.tokens)
+        return PlanResult(reply.steps, gen.text, "", gen.tokens, reason=reply.reason, missing=reply.missing)
 
     def close(self) -> None:
         """Drop the model and give accelerator memory back."""

@@ -31,6 +31,7 @@ IMAGE = "image"        # a frame cannot be decoded or is too large
 QUEUE = "queue"        # rejected (queue full, worker stopped), timed out or cancelled
 MODEL = "model"        # the engine refused the work
 OUTPUT = "output"      # the model answered, but its text is not a plan
+REFUSED = "refused"    # the model answered that it cannot plan: an object the instruction names is not in view
 INTERNAL = "internal"  # anything else: a bug, out of memory
 
 
@@ -389,13 +390,21 @@ class RequestHandler:
 
 
 def _fill_plan(reply: PlanReply, result, cancel_requested: bool) -> None:
-    """A PlanResult into a PlanReply: cancelled, unparsable (``error``), or steps."""
+    """A PlanResult into a PlanReply: cancelled, unparsable (``error``), refused because an object is not in view
+    (``error``, no steps), or steps (none with a ``reason`` such as "already done")."""
     reply.raw_text, reply.tokens_generated = result.raw_text, result.tokens_generated
     if result.cancelled or cancel_requested:
         reply.cancelled = True
         reply.error, reply.error_kind = f"cancelled by the client after {result.tokens_generated} token(s)", QUEUE
         return
     reply.steps = list(result.steps)
-    reply.success = not result.error
+    reply.reason = result.reason
+    reply.success = not result.error and not result.missing
     if result.error:
         reply.error, reply.error_kind = f"could not parse a plan from the model output: {result.error}", OUTPUT
+    elif result.missing:
+        names = " and ".join(f"the {m}" for m in result.missing)
+        reply.steps = []
+        reply.error = f"no plan: {names} {'is' if len(result.missing) == 1 else 'are'} not in view" + (
+            f" ({result.reason})" if result.reason else "")
+        reply.error_kind = REFUSED

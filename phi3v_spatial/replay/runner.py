@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..engine.parsing import Relation
-from ..engine.requests import FRAMES, OUTPUT, RequestHandler
+from ..engine.requests import FRAMES, OUTPUT, REFUSED, RequestHandler
 from ..engine.window import FrameWindow
 from ..engine.worker import InferenceWorker
 from .bag_reader import NS, BagError, BagInfo, FrameReader, bag_info, choose_topics, fmt_time, open_reader
@@ -163,6 +163,7 @@ class Replayer:
             r["candidates"] = [{"subject": c.subject, "relation": c.relation, "object": c.object} for c in q.candidates]
         elif q.type == "plan":
             r["instruction"] = q.instruction
+            r["reason"] = ""
         r.update({"topics": list(q.topics), "frame_stamps": [], "answer": "", "relations": [], "steps": [],
                   "raw_text": "", "tokens_generated": 0, "latency_s": 0.0, "error": ""})
         if q.expect is not None:
@@ -206,11 +207,12 @@ class Replayer:
         elif q.type == "relations":
             out.update(relations=[relation_dict(x) for x in reply.relations])
         else:
-            out.update(steps=reply.steps, raw_text=reply.raw_text, tokens_generated=reply.tokens_generated)
+            out.update(steps=reply.steps, reason=reply.reason, raw_text=reply.raw_text,
+                       tokens_generated=reply.tokens_generated)
         if reply.error_kind == FRAMES:
             first = ctx.info.start_ns
             raise _Unanswerable(f"{where} ({(now_ns - first) / NS:+.3f} s from the bag start): {reply.error}")
-        out["error"] = reply.error if reply.error_kind in ("", OUTPUT) else f"{where}: {reply.error}"
+        out["error"] = reply.error if reply.error_kind in ("", OUTPUT, REFUSED) else f"{where}: {reply.error}"
         out["latency_s"] = reply.latency_s
         return out
 

@@ -126,7 +126,7 @@ def relations_response(reply: RelationsReply, res: QueryRelations.Response) -> Q
 
 def plan_result(reply: PlanReply) -> Plan.Result:
     return Plan.Result(success=reply.success, error=reply.error, steps=[plan_step_to_msg(s) for s in reply.steps],
-                       raw_text=reply.raw_text, latency_s=float(reply.latency_s))
+                       reason=reply.reason, raw_text=reply.raw_text, latency_s=float(reply.latency_s))
 
 
 def adapter_response(reply: AdapterReply, res: SetAdapter.Response) -> SetAdapter.Response:
@@ -148,7 +148,7 @@ def plan_stamped(instruction: str, reply: PlanReply) -> PlanStamped:
     """What ``~/plans`` records for every plan goal."""
     result = plan_result(reply)
     msg = PlanStamped(instruction=instruction, steps=list(result.steps), raw_text=result.raw_text,
-                      success=result.success, error=result.error,
+                      reason=result.reason, success=result.success, error=result.error,
                       frame_stamps=[ns_to_stamp(f.stamp_ns) for f in reply.frames], image_topics=list(reply.topics),
                       latency_s=float(result.latency_s))
     msg.header.stamp = ns_to_stamp(max((f.stamp_ns for f in reply.frames), default=0))

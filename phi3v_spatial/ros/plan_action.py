@@ -13,7 +13,7 @@ from typing import Callable
 from rclpy.action import ActionServer, CancelResponse
 from rclpy.task import Future
 
-from phi3v_spatial.engine.requests import OUTPUT, PendingReply, Reply
+from phi3v_spatial.engine.requests import OUTPUT, REFUSED, PendingReply, Reply
 from phi3v_spatial_interfaces.action import Plan
 
 from .messages import plan_request, plan_result, plan_stamped
@@ -128,7 +128,7 @@ class PlanAction:
             with self._lock:
                 self._pending.pop(key, None)
                 self._early_cancels.discard(key)
-        if reply.success or reply.error_kind == OUTPUT:
+        if reply.success or reply.error_kind in (OUTPUT, REFUSED):
             feedback("parsing", reply.raw_text, reply.tokens_generated)
         if reply.cancelled and pending.cancel_requested:
             # rclpy marks the goal as cancelling right after our cancel callback returns, maybe after this point
