@@ -61,6 +61,17 @@ class PoolSpec:
         return f"{self.actors} actor{'s' if self.actors != 1 else ''} x {per}"
 
 
+_TOKEN: list[str] = []
+
+
+def _process_token() -> str:
+    if not _TOKEN:
+        import secrets
+
+        _TOKEN.append(secrets.token_hex(32))
+    return _TOKEN[0]
+
+
 def _loopback_env() -> dict[str, str]:
     """Environment of a private local instance (and of the processes it starts)."""
     return {
@@ -80,10 +91,9 @@ def ray_session(address: str, *, num_cpus: int | None = None, quiet: bool = Fals
         os.environ.update(_loopback_env())
         temp_dir = tempfile.mkdtemp(prefix="phi3v-ray-")   # short: Ray's socket paths must stay < 108 chars
         if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
-            # token authentication stays on, with a token that lives and dies with the instance (not in ~/.ray)
-            import secrets
-
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            # token authentication stays on, with a token of this process (not in ~/.ray); one per process, as
+            # ray caches the first token it reads
+            os.environ["RAY_AUTH_TOKEN"] = _process_token()
     try:
         try:
             import ray
