@@ -42,8 +42,8 @@ class DataParallel:
 
     @classmethod
     def from_env(cls, device) -> "DataParallel | None":
-        """The process group of a multi-process launch (None for a single process): ``device`` is this process's
-        compute device (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+        """The process group of a multi-process launch (None for a single process); on CUDA each process uses
+        ``cuda:LOCAL_RANK`` (the launcher's one GPU per process), whatever index ``device`` names."""
         world = launched_world_size()
         if world <= 1:
             return None
@@ -52,7 +52,7 @@ class DataParallel:
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank if device.index is None else device.index)
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         owns = False
         if not dist.is_initialized():
