@@ -1,6 +1,6 @@
 """Replay of many bags: in this process, and on a private local Ray instance with 1 and with N actors.
 
-    python -m phi3v_spatial.benchmark.fleet_bench [--bags 8] [--scenes 4] [--actors 2]
+    python -m phi3v_spatial.benchmark.fleet_bench [--bags 8] [--scenes 16] [--actors 2]
 
 Writes ``--bags`` synthetic bags (``phi3v-spatial synth --bag``, one questions file each), replays them with
 the embedded model through ``phi3v-spatial replay`` in each configuration, and prints the wall time of each
@@ -48,7 +48,7 @@ def answers(out: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--bags", type=int, default=8)
-    p.add_argument("--scenes", type=int, default=4, help="scenes per bag (3 questions each)")
+    p.add_argument("--scenes", type=int, default=16, help="scenes per bag (3 questions each)")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..engine.engine import SpatialEngine  # noqa: F401
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         bags = make_bags(tmp, args.bags, args.scenes)
         rows = []
@@ -67,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"config": name, "seconds": replay(bags, out, extra), "answers": answers(out)})
     base = rows[1]["seconds"]
     same = all(r["answers"] == rows[0]["answers"] for r in rows)
-    print(f"{args.bags} bags x {args.scenes * 3} questions, embedded model, {os.cpu_count()} CPUs")
+    load = (load_before, os.getloadavg()[0])
+    print(f"{args.bags} bags x {args.scenes * 3} questions, embedded model, {os.cpu_count()} CPUs "
+          f"(1-minute load average {load[0]:.1f} before, {load[1]:.1f} after: other work on the machine)")
     print(f"{'configuration':<26}{'wall s':>8}{'vs 1 actor':>12}")
     for r in rows:
         print(f"{r['config']:<26}{r['seconds']:>8.1f}{base / r['seconds']:>11.2f}x")
     print(f"same answers in every configuration: {'yes' if same else 'NO'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bags": args.bags, "scenes": args.scenes, "cpus": os.cpu_count(), "same_answers": same,
+            json.dump({"bags": args.bags, "scenes": args.scenes, "cpus": os.cpu_count(), "same_answers": same, "load": load,
                        "rows": [{k: r[k] for k in ("config", "seconds")} for r in rows]}, f, indent=1)
     return 0 if same else 1
 
