@@ -19,7 +19,7 @@ ROSDEP_KEYS = {
     "huggingface_hub": "python3-huggingface-hub-pip", "rosbags": "python3-rosbags-pip",
 }
 # import name -> pip distribution, for libraries without a rosdep key
-PIP_ONLY = {"tokenizers": "tokenizers", "safetensors": "safetensors", "peft": "peft"}
+PIP_ONLY = {"tokenizers": "tokenizers", "safetensors": "safetensors", "peft": "peft", "ray": "ray"}
 # ROS packages: the import name is the package name
 ROS_PACKAGES = {"rclpy", "rcl_interfaces", "lifecycle_msgs", "builtin_interfaces", "sensor_msgs", "diagnostic_msgs",
                 "rosgraph_msgs", "phi3v_spatial_interfaces", "ament_index_python", "launch", "launch_ros"}

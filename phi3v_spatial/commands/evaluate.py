@@ -4,6 +4,7 @@ yes/no questions are scored from the next-token probabilities of "yes" vs "no", 
 from the likelihood of each choice, open / quantitative / plan questions by greedy generation; plans are executed
 on the synthetic scene's ground truth (``data.executor``). Prints a table (overall, per type, per VSR meta-category,
 per relation, per plan family and multi-frame family, the targets) and writes a JSON report.
+With --ray the records are sharded over a pool of Ray actors (train/eval_fleet.py); the report is the same.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-crops", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget for open/quantitative questions")
     p.add_argument("--no-progress", action="store_true")
+    from ..raypool import add_ray_arguments
+
+    add_ray_arguments(p, "chunk of record")
 
 
 def run(args) -> int:
@@ -32,9 +36,21 @@ def run(args) -> int:
     from ..train.trainer import load_sources
 
     items = select_items(load_sources(args.data), args.limit, args.seed)
-    scorer = load_scorer(args.model, args.adapter, device=args.device, dtype=args.dtype, num_crops=args.num_crops,
-                         max_new_tokens=args.max_new_tokens)
-    report, preds = evaluate_records(scorer, items, progress=not args.no_progress)
+    scorer_kwargs = dict(model_dir=args.model, adapter_dir=args.adapter, device=args.device, dtype=args.dtype,
+                         num_crops=args.num_crops, max_new_tokens=args.max_new_tokens)
+    if args.ray is not None:
+        from ..raypool import PoolError
+        from ..train.eval_fleet import evaluate_on_ray
+
+        try:
+            report, preds = evaluate_on_ray(args, items, scorer_kwargs)
+        except PoolError as e:
+            import sys
+
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        report, preds = evaluate_records(load_scorer(**scorer_kwargs), items, progress=not args.no_progress)
     title = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
     print(format_table(report, title=title))
     if args.out:

@@ -4,6 +4,9 @@ Frames go through the node's FrameWindow in header-stamp order; each question is
 with the node's parameters (--params), and the answers are written as JSON lines with a per-type summary.
 
 Example: phi3v-spatial replay run.mcap --questions run.questions.yaml --params config/spatial_node.yaml --out-bag run_answers
+
+Several bags (paths, folders of bags, glob patterns) merge into one JSONL whose lines name their bag; with
+--ray they run on a pool of Ray actors that each load the model once (replay/fleet.py).
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bag", help="rosbag2 folder (with metadata.yaml) or a single .mcap / .db3 file")
-    p.add_argument("--questions", required=True, metavar="YAML", help="questions file (format: README, section Offline replay)")
+    p.add_argument("bag", nargs="+", help="rosbag2 folder (with metadata.yaml) or a single .mcap / .db3 file; several "
+                                        "bags, folders of bags or glob patterns replay them all into one --out")
+    p.add_argument("--questions", required=True, metavar="YAML",
+                   help="questions file (format: README, section Offline replay); with several bags it may be a "
+                        "per-bag template such as '{bag}.questions.yaml' ({bag}: the bag path without .mcap/.db3)")
     p.add_argument("--out", default="", metavar="JSONL",
                    help="results, one JSON line per question ('-' = stdout; default: QUESTIONS.results.jsonl)")
     p.add_argument("--params", default="", metavar="YAML",
@@ -37,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="storage of --out-bag (default: the input's; mcap is what Foxglove opens best)")
     p.add_argument("--node-name", default="/spatial_node", help="node whose output topics --out-bag fills")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from ..raypool import add_ray_arguments
+
+    add_ray_arguments(p, "bag")
 
 
 def resolve_settings(args: argparse.Namespace):
@@ -84,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from ..replay.runner import Replayer
     from ..replay.scoring import format_summary
 
+    from ..replay.fleet import single_bag
+
+    if args.ray is not None or not single_bag(args.bag):
+        from ..replay.fleet import run as run_fleet
+
+        return run_fleet(args)
+    args.bag = args.bag[0]
     log = sys.stderr if args.out == "-" else sys.stdout
     try:
         questions = load_questions(args.questions)

@@ -3,6 +3,8 @@
 The loss covers only the answer tokens (answer + <|end|>\\n<|endoftext|>). Data specs mix datasets by
 weight: synth:DIR[:w], vsr:JSONL:IMGDIR[:w], FILE.jsonl[:w]. Checkpoints (--save-every) hold the
 optimizer, scheduler, sampler and RNG states; --resume continues from the latest one.
+Under torchrun / accelerate launch it trains data-parallel (train/distributed.py): --batch-size is per process,
+the gradients are those of the global batch, and rank 0 writes the checkpoints and the adapter.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
-    g.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per forward pass (per process under torchrun)")
     g.add_argument("--grad-accum", type=int, default=16, help="forward passes per optimizer step")
     g.add_argument("--lr", type=float, default=4e-5, help="peak learning rate (AdamW, linear warmup then decay)")
     g.add_argument("--weight-decay", type=float, default=0.01)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engine import prompts
-from .executor import PLACE_RELATIONS, execute_plan, goal_holds, judge_plan
+from .executor import PLACE_RELATIONS, goal_holds, judge_plan
 from .records import SpatialRecord
 from .scene import PALETTE, SHAPES, SynthScene, relation_holds
 

@@ -291,7 +291,6 @@ def _copy_model_files(src: str, dst: str) -> None:
 
 def _eval(model_dir: str, adapter: str | None, records: str, r: Recipe, out_json: str, title: str,
           types: tuple = EVAL_TYPES) -> dict:
-    from ..data.records import SpatialRecord  # noqa: F401  (records come from load_sources)
     from .evaluate import evaluate_records, format_table, load_scorer, select_items, write_report
     from .trainer import load_sources
 
@@ -463,8 +462,6 @@ _LAYER_PATHS = {"qkv_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
 
 def publish(out_models: str, work: str, base_dir: str, lora_dir: str, summary: dict) -> None:
     """Copy the final files into ``models/`` and write EVAL.md + eval_report.json."""
-    from .trainer import save_adapter  # noqa: F401  (adapter already saved by the trainer)
-
     model_out = os.path.join(out_models, EMBEDDED_MODEL_NAME)
     adapter_out = os.path.join(out_models, f"{EMBEDDED_MODEL_NAME}-lora-{EMBEDDED_ADAPTER_NAME}")
     for d in (model_out, adapter_out):

@@ -4,7 +4,7 @@ A hand-written loop rather than ``transformers.Trainer`` because the things that
 small and must be exact: the loss only on answer tokens (the collator's labels), weighted dataset
 mixing, gradient accumulation, and checkpoints that resume bit-for-bit (optimizer, scheduler, step,
 sampler and RNG states). Precision: bf16 autocast on CUDA (frozen LoRA base weights stored in bf16),
-plain fp32 on CPU.
+plain fp32 on CPU. Under ``torchrun`` / ``accelerate launch`` it trains data-parallel (``train.distributed``).
 """
 from __future__ import annotations
 
@@ -207,9 +207,9 @@ def _set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, losses: list, keep: int,
-                    heads=None) -> str:
+                    heads=None, rng_ranks: list | None = None) -> str:
     """Everything a resumed run needs; written to a temp dir and renamed so a crash never leaves a
-    half checkpoint that ``--resume`` would pick."""
+    half checkpoint that ``--resume`` would pick. ``rng_ranks``: every process's RNG state (data-parallel)."""
     import torch
 
     final = os.path.join(out, CHECKPOINT_DIR, f"step-{step:07d}")
@@ -219,8 +219,10 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, l
     torch.save(trainable_state(model), os.path.join(tmp, "trainable.pt"))
     if heads is not None:
         torch.save(heads.state_dict(), os.path.join(tmp, "geometry_heads.pt"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               os.path.join(tmp, "optim.pt"))
+    opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    if rng_ranks is not None:
+        opt["rng_ranks"] = rng_ranks
+    torch.save(opt, os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "sampler": _jsonable(sampler.state_dict()), "losses": losses[-1000:]}, f)
     shutil.rmtree(final, ignore_errors=True)
@@ -240,7 +242,7 @@ def _jsonable(x):
     return x
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, sampler, heads=None) -> tuple[int, list]:
+def load_checkpoint(path: str, model, optimizer, scheduler, sampler, heads=None, rank: int = 0) -> tuple[int, list]:
     import torch
 
     load_trainable_state(model, torch.load(os.path.join(path, "trainable.pt"), map_location="cpu"))
@@ -255,7 +257,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler, heads=None)
     with open(os.path.join(path, "state.json")) as f:
         st = json.load(f)
     sampler.load_state_dict(st["sampler"])
-    _set_rng_state(opt["rng"])
+    ranks = opt.get("rng_ranks") or []
+    _set_rng_state(ranks[rank] if rank < len(ranks) else opt["rng"])
     return int(st["step"]), list(st.get("losses", []))
 
 
@@ -298,22 +301,29 @@ def save_full(model, processor, out: str, save_dtype: str | None = None) -> None
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-def total_steps(cfg: TrainConfig, n_records: int) -> int:
+def total_steps(cfg: TrainConfig, n_records: int, processes: int = 1) -> int:
     if cfg.steps:
         return int(cfg.steps)
-    return max(1, math.ceil(cfg.epochs * n_records / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * n_records / (cfg.batch_size * processes * cfg.grad_accum)))
 
 
 def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int, float], None] | None = None,
           on_end: Callable | None = None) -> dict:
     """Run (or resume) a training; returns a summary dict. ``sources`` overrides ``cfg.data``;
-    ``on_step(step, loss)`` runs after every optimizer step, ``on_end(model, processor)`` before saving."""
+    ``on_step(step, loss)`` runs after every optimizer step, ``on_end(model, processor)`` before saving (on the
+    main process only when data-parallel)."""
     import torch
 
     from ..model.runtime import resolve_device, resolve_dtype
+    from .distributed import DataParallel
 
     t0 = time.time()
     device = resolve_device(cfg.device)
+    dp = DataParallel.from_env(device)   # None: one process, the loop below exactly as without a launcher
+    if dp is not None:
+        device = dp.device
+    main = dp is None or dp.is_main
+    world = dp.world if dp is not None else 1
     dtype = resolve_dtype(cfg.dtype, device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -325,7 +335,7 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     items = [s[0] for s in sources]
     sampler = ResumableMixture([len(i) for i in items], [s[1] for s in sources], cfg.seed)
     n_records = sum(len(i) for i in items)
-    steps = total_steps(cfg, n_records)
+    steps = total_steps(cfg, n_records, world)
 
     model, processor = load_base(cfg, device, dtype)
     if cfg.full:
@@ -356,6 +366,10 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, max(0, steps - 1)), steps)
     collator = SpatialCollator(processor, turns=cfg.turns,
                                items=[it for i in items for it in i] if cfg.turns > 1 else None, geometry=geometry)
+    if dp is not None:
+        dp.broadcast_parameters(params)
+        if dp.rank:   # each process its own dropout masks (rank 0 keeps the single-process stream)
+            torch.manual_seed(cfg.seed * 1_000_003 + dp.rank)
 
     os.makedirs(cfg.out, exist_ok=True)
     step, losses = 0, []
@@ -363,19 +377,29 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
     if cfg.resume:
         ckpts = checkpoint_dirs(cfg.out)
         if ckpts:
-            step, losses = load_checkpoint(ckpts[-1], model, optimizer, scheduler, sampler, heads)
+            step, losses = load_checkpoint(ckpts[-1], model, optimizer, scheduler, sampler, heads,
+                                           rank=dp.rank if dp is not None else 0)
             resumed_from = step
-            print(f"resumed from {ckpts[-1]} at step {step}/{steps}", flush=True)
-        else:
+            if main:
+                print(f"resumed from {ckpts[-1]} at step {step}/{steps}", flush=True)
+        elif main:
             print(f"--resume: no checkpoint under {cfg.out}/{CHECKPOINT_DIR}; starting at step 0", flush=True)
-    with open(os.path.join(cfg.out, "training_args.json"), "w") as f:
-        json.dump({**asdict(cfg), "total_steps": steps, "records": n_records,
-                   "sources": [{"name": s[2], "records": len(s[0]), "weight": s[1]} for s in sources]}, f, indent=1)
+    parallel = {"processes": world, "global_batch": cfg.batch_size * world * cfg.grad_accum} if dp is not None else {}
+    if main:
+        with open(os.path.join(cfg.out, "training_args.json"), "w") as f:
+            json.dump({**asdict(cfg), "total_steps": steps, "records": n_records, **parallel,
+                       "sources": [{"name": s[2], "records": len(s[0]), "weight": s[1]} for s in sources]}, f, indent=1)
+
+    def checkpoint() -> None:   # a collective when data-parallel (every rank's RNG state), written by rank 0
+        rng_ranks = dp.gather(_rng_state()) if dp is not None else None
+        if main:
+            save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints, heads,
+                            rng_ranks=rng_ranks)
 
     use_autocast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     log_path = os.path.join(cfg.out, "train_log.jsonl")
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=step, desc="train" + (" (full)" if cfg.full else " (lora)"), dynamic_ncols=True)
@@ -384,14 +408,26 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_geometry = 0.0, {}
         for _ in range(cfg.grad_accum):
-            picks = [sampler.next() for _ in range(cfg.batch_size)]
+            picks = [sampler.next() for _ in range(cfg.batch_size * world)]
+            if dp is not None:   # every process draws the global micro-batch and keeps its share
+                picks = dp.shard(picks)
             batch = collator([items[d][i] for d, i in picks])
             batch = {k: v.to(device) for k, v in batch.items()}
             targets = {k: batch.pop(k) for k in [k for k in batch if k.startswith("geometry_")]}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.float32 if not use_autocast else dtype)
+            counts = dp.global_counts(batch, targets) if dp is not None else None
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
                 out = model(**batch, output_hidden_states=heads is not None)
+            if dp is not None:
+                loss, part, geometry_parts = dp.micro_loss(out, counts, heads, targets, cfg.geometry_weight,
+                                                           cfg.grad_accum)
+                step_loss += part
+                for k, v in geometry_parts.items():
+                    step_geometry[k] = step_geometry.get(k, 0.0) + v
+                if loss is not None:
+                    loss.backward()
+                continue
             loss = out.loss / cfg.grad_accum
             step_loss += float(loss.detach())
             if heads is not None:
@@ -400,6 +436,11 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
                 for k, v in parts.items():
                     step_geometry[k] = step_geometry.get(k, 0.0) + v / cfg.grad_accum
             loss.backward()
+        if dp is not None:   # the global micro-batches' gradient, and their loss for the log
+            dp.reduce_gradients(params)
+            keys = list(step_geometry)
+            summed = dp.sum([step_loss] + [step_geometry[k] for k in keys])
+            step_loss, step_geometry = summed[0], dict(zip(keys, summed[1:]))
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -412,30 +453,36 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % max(1, cfg.log_every) == 0 or step == steps:
+        if main and (step % max(1, cfg.log_every) == 0 or step == steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": step_loss, "loss_ema": ema,
                                     "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1),
                                     **({"geometry_mse": step_geometry} if heads is not None else {})}) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints, heads)
+            checkpoint()
     if bar is not None:
         bar.close()
 
     model.eval()
-    if on_end:
-        on_end(model, processor)
-    if cfg.full:
-        save_full(model, processor, cfg.out, cfg.save_dtype)
-    else:
-        save_adapter(model, cfg.out)
-    if heads is not None:   # beside the adapter, so a next phase (--init-adapter) continues them
-        heads.save(cfg.out)
+    if main:
+        if on_end:
+            on_end(model, processor)
+        if cfg.full:
+            save_full(model, processor, cfg.out, cfg.save_dtype)
+        else:
+            save_adapter(model, cfg.out)
+        if heads is not None:   # beside the adapter, so a next phase (--init-adapter) continues them
+            heads.save(cfg.out)
     if cfg.save_every:   # the final state as a checkpoint too, so --resume with more --steps continues
-        save_checkpoint(cfg.out, step, model, optimizer, scheduler, sampler, losses, cfg.keep_checkpoints, heads)
+        checkpoint()
     summary = {"steps": step, "total_steps": steps, "resumed_from_step": resumed_from, "final_loss": losses[-1] if losses else None,
                "first_loss": losses[0] if losses else None, "trainable_params": n_trainable, "total_params": n_total,
-               "seconds": round(time.time() - t0, 1), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
-    with open(os.path.join(cfg.out, "train_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+               "seconds": round(time.time() - t0, 1), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               **parallel}
+    if main:
+        with open(os.path.join(cfg.out, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    if dp is not None:   # everything is on disk before any process reports success
+        dp.barrier()
+        dp.close()
     return summary
