@@ -77,7 +77,8 @@ def answer_messages(ts, results: list[dict], node: str = "/spatial_node"):
             steps = [Step(**{k: str(s.get(k, "")) for k in ("action", "target", "reference", "relation", "detail")})
                      for s in r.get("steps", [])]
             msg = ts.types[PLAN_TYPE](instruction=r.get("instruction", ""), steps=steps, raw_text=r.get("raw_text", ""),
-                                      success=not r.get("error"), error=r.get("error", ""), **common)
+                                      success=not r.get("error"), error=r.get("error", ""),
+                                      reason=r.get("reason", ""), **common)
             out.append((f"{node}/plans", PLAN_TYPE, log_ns, msg))
     return out
 
