@@ -225,7 +225,7 @@ def main() -> int:
         _banner("~/ask about two frames of a moving scene (num_frames 2: the node's window sends both)")
         moving = make_scene(seed=seed0 + DEMO_SCENES, num_objects=3, frames=2, motion="object", size=(160, 120))
         questions = [r for r in multiframe_records(moving, ["f0", "f1"], np.random.default_rng(seed0), 4)
-                     if r.label is not None][:1]
+                     if r.label is not None][:2]
         # Frame 0 for a second (keyframes are window.min_interval_s apart), then one message of frame 1: the
         # window's newest frame is frame 1 and its keyframe before that frame 0.
         show(moving, 0)
@@ -283,7 +283,7 @@ def main() -> int:
             result = holder["result"].result
             truth = steps_text(rec.plan)
             if not result.success:
-                print(f"  no plan: {result.error}\n  raw text: {result.raw_text[:200]!r}\n  ground truth: {truth}")
+                print(f"  {result.error}\n  raw text: {result.raw_text[:200]!r}\n  ground truth: {truth}")
                 continue
             steps = [{"action": s.action, "target": s.target, "reference": s.reference, "relation": s.relation,
                       "detail": s.detail} for s in result.steps]

@@ -38,6 +38,7 @@ BASE_TYPES = ("describe", "count", "presence")
 # Record sets of stage a: name -> the record types it holds (single-image relation records are "spatial").
 RECORD_SETS = {
     "base": ("describe", "count", "presence"),
+    "count": ("count",),
     "spatial": ("yesno", "choice"),
     "open": ("open",),
     "quantitative": ("quantitative",),
