@@ -33,7 +33,7 @@ def frame(i: int, seed: int):
 @pytest.fixture(scope="module")
 def fleet_data(tmp_path_factory, tiny_model_dir, tokenizer_dir):
     """Four small bags (mcap and sqlite3, different frames) in nested folders, one questions file, the params."""
-    from phi3v_spatial.data.bag import write_camera_bag
+    from phi3v_spatial.data.bag_writer import write_camera_bag
 
     root = tmp_path_factory.mktemp("fleet")
     bags = []
