@@ -242,6 +242,7 @@ def main() -> int:
             print(f"  Q: {r.question}\n     model: {out}   ground truth: {r.answer}   "
                   f"(frames used: {len(res.frame_stamps)})")
         show(scene)
+        time.sleep(0.5)   # plans take the window's newest frame: let the cameras show this scene again first
 
         _banner("~/plan action (front camera; feedback streamed; steps executed on the scene's 3D ground truth)")
         if not plan_client.wait_for_server(timeout_sec=30):
