@@ -122,7 +122,7 @@ def test_stop_cancels_everything_and_rejects_new_work():
     assert started.wait(5)
     assert w.stop(timeout=10)
     assert running.state == CANCELLED and queued.state == CANCELLED
-    with pytest.raises(JobRejected, match="shut down"):
+    with pytest.raises(JobRejected, match="shutting down or has stopped"):
         w.submit(lambda j: 1)
 
 

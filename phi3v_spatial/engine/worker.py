@@ -188,7 +188,7 @@ class InferenceWorker:
         with self._lock:
             if self._stopping:
                 self.rejected += 1
-                raise JobRejected("the inference worker is shut down (node cleaning up or exiting)")
+                raise JobRejected("not run: the inference worker is shutting down or has stopped (node cleaning up or exiting)")
             busy = self._running is not None or bool(self._queue)
             if busy and len(self._queue) >= self.max_pending:
                 self.rejected += 1
