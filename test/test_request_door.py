@@ -317,3 +317,34 @@ def test_node_special_tokens_and_scale_inf(node):
     assert client.call(AskSpatial, "/spatial_node/ask", AskSpatial.Request(question="still there?", images=images)).success
     log = proc.log()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_replay_notes_fewer_frames_and_applies_the_limits(tiny_model_dir, tokenizer_dir, tmp_path):
+    """Replay goes through the same door: its output line carries the note, and the limits come from its
+    parameters (here max_candidates = 2 from the parameter values)."""
+    import yaml
+
+    from phi3v_spatial.data.bag_writer import write_camera_bag
+    from phi3v_spatial.replay.params import ReplaySettings
+    from phi3v_spatial.replay.question_file import load_questions
+    from phi3v_spatial.replay.runner import Replayer
+
+    cam, t0 = "/door_cam/image_raw", 1_700_000_000 * NS
+    bag = write_camera_bag(tmp_path / "cam.mcap", [(cam, t0 + i * NS, _image(i, 48, 64), False) for i in range(2)])
+    cands = [{"subject": f"box {i}", "relation": "left of", "object": "cone"} for i in range(3)]
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump([
+        {"id": "few", "type": "ask", "question": "where?", "num_frames": 5, "max_new_tokens": 2},
+        {"id": "many", "type": "relations", "candidates": cands},
+    ], sort_keys=False))
+    settings = ReplaySettings.from_params({"model_path": tiny_model_dir, "adapters": [], "active_adapter": "",
+                                           "device": "cpu", "window.min_interval_s": 0.5, "window.max_age_s": 0.0,
+                                           "max_candidates": 2})
+    engine = settings.model().load()
+    try:
+        results = {r["id"]: r for r in Replayer(engine, settings).run(bag, load_questions(tmp_path / "q.yaml")).results}
+    finally:
+        engine.close()
+    few, many = results["few"], results["many"]
+    assert few["error"] == "" and len(few["frame_stamps"]) == 2
+    assert few["note"].startswith("used 2 frame(s) per camera of the 5 asked"), few
+    assert "too many candidate relations: 3, the limit is 2 per request (parameter max_candidates)" in many["error"]
