@@ -82,6 +82,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param("window.capacity", 8, int, "keyframes kept per camera", (1, 256), offline=True),
     Param("max_image_pixels", DEFAULT_MAX_PIXELS, int, "largest frame accepted (width x height)", (1, 1 << 30),
           offline=True),
+    Param("max_question_tokens", 1024, int, "longest `~/ask` question, `~/plan` instruction or relation candidate, "
+          "in tokens; longer ones are refused", (1, 131072), offline=True),
+    Param("max_images", 8, int, "most images per request: carried by it, or frames its window selection gives",
+          (1, 256), offline=True),
+    Param("max_candidates", 256, int, "most candidates per `~/query_relations` request", (1, 100000), offline=True),
     Param("queue.max_pending", 4, int, "requests waiting behind the running one before rejection",
           (0, MAX_PENDING_LIMIT)),
     Param("request_timeout_s", 60.0, float, "deadline per request, queue time included", (0.1, 3600)),
@@ -218,6 +223,12 @@ def engine_options(params: dict):
                          relation_batch_size=int(params["relation_batch_size"]))
 
 
+def request_limits(params: dict) -> dict:
+    """The request layer's per-request limits (``ServingSettings`` fields) from node parameters (defaults filled)."""
+    p = {**node_defaults(), **params}
+    return {name: int(p[name]) for name in ("max_question_tokens", "max_images", "max_candidates")}
+
+
 def serving_settings(params: dict, *, deadline: bool = True):
     """The request layer's defaults and limits from node parameters (``deadline=False``: offline, no deadline)."""
     from .engine.requests import ServingSettings
@@ -225,7 +236,7 @@ def serving_settings(params: dict, *, deadline: bool = True):
     return ServingSettings(max_new_tokens=int(params["generation.max_new_tokens"]),
                            plan_max_new_tokens=int(params["plan.max_new_tokens"]),
                            request_timeout_s=float(params["request_timeout_s"]) if deadline else 0.0,
-                           max_image_pixels=int(params["max_image_pixels"]))
+                           max_image_pixels=int(params["max_image_pixels"]), **request_limits(params))
 
 
 def window_settings(params: dict) -> dict:

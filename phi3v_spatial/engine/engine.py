@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import os
 import re
 import threading
@@ -138,6 +139,29 @@ def check_text(text: str, what: str) -> None:
         raise EngineError(f"the {what} is empty")
 
 
+# Adapter scales a request may set: (0, MAX_ADAPTER_SCALE]. 1.0 is the scale the adapter was trained at; far
+# beyond it the LoRA delta swamps the weights (inf / 1e30 gave NaN probabilities and garbage "answers").
+MAX_ADAPTER_SCALE = 10.0
+
+
+def check_adapter_scale(scale) -> float:
+    """A finite adapter scale in (0, MAX_ADAPTER_SCALE] as a float, or an ``EngineError`` naming the limit."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise EngineError(f"adapter scale must be a number, got {scale!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_ADAPTER_SCALE:
+        raise EngineError(f"adapter scale must be finite and in (0, {MAX_ADAPTER_SCALE:g}] (1.0 = as trained; "
+                          f"0 in a set_adapter request means 1.0), got {value!r}")
+    return value
+
+
+def check_count(count: int, limit: int, what: str, param: str) -> None:
+    """At most ``limit`` items of ``what`` per request; the refusal names the limit and its parameter."""
+    if count > limit:
+        raise EngineError(f"too many {what}: {count}, the limit is {limit} per request (parameter {param})")
+
+
 def check_candidates(candidates) -> None:
     """Candidate relations need subject, relation and object; callers may check before queueing a request."""
     if not candidates:
@@ -183,6 +207,9 @@ class SpatialEngine:
         self.no_ids = self._single_token_spellings(prompts.NO, self.no_id)
         if set(self.yes_ids) & set(self.no_ids):
             raise EngineError("the tokenizer's yes and no spellings share tokens; yes/no scoring impossible")
+        # The most characters one token can stand for: a text longer than n times this has more than n tokens, so an
+        # over-long text is refused from its length alone (a 1 MB question is never tokenized).
+        self.max_token_chars = max(1, max(map(len, processor.tokenizer.get_vocab()), default=1))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -257,19 +284,21 @@ class SpatialEngine:
     def active_adapter(self) -> str:
         return self._adapters.active if self._adapters else ""
 
-    def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
-        """Activate a loaded adapter; ``None``, "" or "none" runs the base model."""
+    def set_adapter(self, name: str | None, scale: float = 1.0) -> str:
+        """Activate a loaded adapter; ``None``, "" or "none" runs the base model. ``scale`` must be finite and in
+        (0, MAX_ADAPTER_SCALE] (checked here too, whoever calls). Returns the adapter active after the switch,
+        read under the engine's lock (so a caller reports its own switch, not a later one)."""
+        scale = check_adapter_scale(scale)
         with self._lock:
             if base_model_requested(name):
                 if self._adapters:
                     self._adapters.activate(None)
                 self.prefix_cache.clear()
-                return
+                return self.active_adapter
             check_adapter(name, self.available_adapters)
-            if not (scale > 0):
-                raise EngineError(f"adapter scale must be > 0, got {scale}")
             self._adapters.activate(name, scale)
             self.prefix_cache.clear()  # every cached key/value depends on the adapter
+            return self.active_adapter
 
     def _adapter_tag(self) -> tuple:
         return (self.active_adapter, self._adapters.scale if self._adapters else 0.0)
@@ -313,6 +342,26 @@ class SpatialEngine:
                 "skip_padding_crops": o.skip_padding_crops, "batched_relations": o.batched_relations,
                 "relation_batch_size": o.relation_batch_size, "pinned_upload": self.device.startswith("cuda"),
                 "cache": self.cache_stats()}
+
+    def check_text_tokens(self, text: str, what: str, max_tokens: int, param: str) -> int:
+        """The number of tokens ``text`` takes in a prompt (rendered as ``prompts.literal_text``), or an
+        ``EngineError`` when it is more than ``max_tokens``, naming the limit and its parameter ``param``.
+
+        The work is bounded before tokenizing: a text longer than ``max_tokens * max_token_chars`` characters
+        cannot fit and is refused from its length (one token never stands for more characters than its vocabulary
+        entry has), so only texts of at most that many characters are tokenized.
+        """
+        self._check_ready()
+        most_chars = int(max_tokens) * self.max_token_chars
+        if len(text) > most_chars:
+            raise EngineError(f"the {what} is too long: {len(text)} characters, more than {max_tokens} tokens can "
+                              f"hold ({most_chars} characters at most); the limit is the parameter "
+                              f"{param} = {max_tokens} tokens")
+        n = len(self.processor.tokenizer(prompts.literal_text(text), add_special_tokens=False)["input_ids"])
+        if n > max_tokens:
+            raise EngineError(f"the {what} is too long: {n} tokens; the limit is the parameter {param} = "
+                              f"{max_tokens} tokens")
+        return n
 
     def ask(self, question: str, images: Sequence[np.ndarray], *, max_new_tokens: int = 128,
             on_text: OnText | None = None, should_stop: ShouldStop | None = None,

@@ -3,10 +3,17 @@
 One place on purpose: a LoRA adapter only works if inference asks its questions exactly the way
 training asked them, so every caller builds prompts (and answer targets) through these functions.
 The chat format is Phi-3-vision's: ``<|user|>\\n<|image_1|>\\n...<|end|>\\n<|assistant|>\\n``.
+
+Prompt structure (roles, turn ends, image placeholders) comes only from these functions: text a user wrote is
+passed through :func:`literal_text`, which breaks every special-token spelling (``<|image_1|>``, ``<|user|>``,
+``<|end|>``, ``<s>``, ``</s>``, ``<unk>`` ...) by putting a space after its ``<``, so the tokenizer reads it as
+plain characters (``< |image_1|>``). :func:`chat_prompt` applies it to its ``user_text``, so every prompt built
+here (questions, relation questions, plan requests, training prompts) gets it.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterable, Sequence
 
 END = "<|end|>"
@@ -18,17 +25,30 @@ YES = "yes"
 NO = "no"
 
 
+# A "<" that starts a special token of the Phi-3 tokenizers: <|...|> (roles, turn ends, images, placeholders),
+# <s>, </s>, <unk>. The tokenizer matches these spellings anywhere in a text, also inside user words.
+_SPECIAL_START = re.compile(r"<(?=\||/?s>|unk>)")
+
+
+def literal_text(text: str) -> str:
+    """User text as plain text: every special-token spelling gets a space after its ``<`` (``<|end|>`` ->
+    ``< |end|>``), so it can never become a chat role, a turn end or an image placeholder. Idempotent, and
+    text without such spellings is returned unchanged (training prompts stay byte-identical)."""
+    return _SPECIAL_START.sub("< ", text)
+
+
 def image_placeholders(num_images: int) -> str:
     """``<|image_1|>\\n<|image_2|>\\n...`` for ``num_images`` images (frames in the order given)."""
     return "".join(f"<|image_{i}|>\n" for i in range(1, num_images + 1))
 
 
 def chat_prompt(user_text: str, num_images: int, system: str | None = None) -> str:
-    """A single-turn prompt ending with the assistant tag, ready for generation."""
+    """A single-turn prompt ending with the assistant tag, ready for generation (``user_text`` and ``system`` are
+    rendered as :func:`literal_text`: only this function writes prompt structure)."""
     text = ""
     if system:
-        text += f"<|system|>\n{system}{END}\n"
-    text += f"<|user|>\n{image_placeholders(num_images)}{user_text}{END}\n<|assistant|>\n"
+        text += f"<|system|>\n{literal_text(system)}{END}\n"
+    text += f"<|user|>\n{image_placeholders(num_images)}{literal_text(user_text)}{END}\n<|assistant|>\n"
     return text
 
 

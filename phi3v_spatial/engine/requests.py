@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from .engine import EngineError, check_adapter, check_candidates, check_text
+from .engine import EngineError, check_adapter, check_adapter_scale, check_candidates, check_count, check_text
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from .parsing import Relation
 from .window import WindowError, decode_payload
@@ -92,6 +92,9 @@ class Reply:
     frames: list[FrameRef] = field(default_factory=list)  # in the order given to the model
     topics: list[str] = field(default_factory=list)       # the cameras they came from
     latency_s: float = 0.0
+    # What the caller should know about a success, e.g. fewer frames than asked (the node logs it; the ROS
+    # replies have no field for it, their frame_stamps show the frames used).
+    note: str = ""
 
 
 @dataclass(kw_only=True)
@@ -127,6 +130,7 @@ class AdapterReply(Reply):
 REPLY_TYPES = {AskRequest: AskReply, RelationsRequest: RelationsReply, PlanRequest: PlanReply,
                AdapterRequest: AdapterReply}
 NAMES = {AskRequest: "ask", RelationsRequest: "query_relations", PlanRequest: "plan", AdapterRequest: "set_adapter"}
+NAMES.update({REPLY_TYPES[k]: v for k, v in NAMES.items()})
 
 
 def refuse(request, error: str, kind: str = REQUEST) -> Reply:
@@ -142,6 +146,9 @@ class ServingSettings:
     plan_max_new_tokens: int = 256     # plan.max_new_tokens: plan, when the request says 0
     request_timeout_s: float = 60.0    # deadline per request, queue time included; 0 = none
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_question_tokens: int = 1024    # question / instruction / candidate length, tokens
+    max_images: int = 8                # images per request: carried, or frames of the window selection
+    max_candidates: int = 256          # candidates per relation query
 
 
 class RequestStats:
@@ -275,23 +282,38 @@ class RequestHandler:
 
         if isinstance(request, AdapterRequest):
             check_adapter(request.name.strip(), engine.available_adapters)
-            name, scale = request.name.strip() or None, float(request.scale) or 1.0
+            name, scale = request.name.strip() or None, check_adapter_scale(request.scale or 1.0)
             reply = AdapterReply()
 
-            def fill(_, cancelled):
-                reply.success = True
+            def switch(job):
+                started()
+                # read in the job that switched: a later switch by another client cannot show in this reply
+                return engine.set_adapter(name, scale), list(engine.available_adapters)
 
-            return _Work(lambda job: (started(), engine.set_adapter(name, scale)), reply, fill, s.request_timeout_s)
+            def fill(result, cancelled):
+                reply.success = True
+                reply.active, reply.available = result
+
+            return _Work(switch, reply, fill, s.request_timeout_s)
+
+        def check_length(text, what):  # bounded before tokenizing: a 1 MB question is refused from its length
+            engine.check_text_tokens(text, what, s.max_question_tokens, "max_question_tokens")
+
         if isinstance(request, AskRequest):
             check_text(request.question, "question")
+            check_length(request.question, "question")
         elif isinstance(request, RelationsRequest):
+            check_count(len(request.candidates), s.max_candidates, "candidate relations", "max_candidates")
             check_candidates(request.candidates)
+            for i, c in enumerate(request.candidates):
+                check_length(f"{c.subject} {c.relation} {c.object}", f"candidates[{i}]")
         elif isinstance(request, PlanRequest):
             check_text(request.instruction, "instruction")
+            check_length(request.instruction, "instruction")
         else:
             raise TypeError(f"not a request: {type(request).__name__}")
-        images, frames, topics, keys = self._frames(request, now_ns)
-        reply = REPLY_TYPES[type(request)](frames=frames, topics=topics)
+        images, frames, topics, keys, note = self._frames(request, now_ns)
+        reply = REPLY_TYPES[type(request)](frames=frames, topics=topics, note=note)
 
         if isinstance(request, AskRequest):
             max_new = int(request.max_new_tokens) or s.max_new_tokens
@@ -326,10 +348,12 @@ class RequestHandler:
         return _Work(run, reply, lambda result, cancelled: _fill_plan(reply, result, cancelled), timeout)
 
     def _frames(self, request: FramesRequest, now_ns: int | None):
-        """(RGB arrays, FrameRefs, camera topics, frame keys or None) for a request; raises WindowError /
-        ImageDecodeError naming the camera or the request image."""
-        max_pixels = self.settings.max_image_pixels
+        """(RGB arrays, FrameRefs, camera topics, frame keys or None, note) for a request; raises WindowError /
+        ImageDecodeError naming the camera or the request image, EngineError past ``max_images`` (counted before
+        anything is decoded). ``note`` says when the window gave fewer frames per camera than asked."""
+        max_pixels, max_images = self.settings.max_image_pixels, self.settings.max_images
         if request.images:
+            check_count(len(request.images), max_images, "images", "max_images")
             arrays = []
             for i, image in enumerate(request.images):
                 try:
@@ -337,15 +361,27 @@ class RequestHandler:
                 except ImageDecodeError as exc:
                     raise type(exc)(f"images[{i}]: {exc}") from None
             # no keys: the engine keys request images by their pixels
-            return arrays, [FrameRef("", int(im.stamp_ns)) for im in request.images], [], None
+            return arrays, [FrameRef("", int(im.stamp_ns)) for im in request.images], [], None, ""
         if self.window is None:
             raise WindowError("the request carries no images (and there are no cameras here)")
         topics = [self.resolve_topic(t) for t in request.topics if t.strip()]
         now = now_ns if now_ns is not None else (self.clock() if self.clock is not None else None)
         sel = self.window.select(topics or None, int(request.num_frames) or None, now)
+        asked = int(request.num_frames) or self.window.num_frames
+        if len(sel.frames) > max_images:
+            raise EngineError(f"too many images: {len(sel.topics)} camera(s) x {len(sel.frames) // len(sel.topics)} "
+                              f"frame(s) = {len(sel.frames)}, the limit is {max_images} per request (parameter "
+                              f"max_images); ask for fewer frames (num_frames) or cameras (image_topics)")
+        got = len(sel.frames) // max(1, len(sel.topics))
+        note = ""
+        if got < asked:
+            w = self.window
+            note = (f"used {got} frame(s) per camera of the {asked} asked (num_frames; 0 = window.num_frames): "
+                    f"the window holds only {got} keyframe(s) at least window.min_interval_s = "
+                    f"{w.min_interval_s:g} s apart and newer than window.max_age_s = {w.max_age_s:g} s")
         arrays = sel.images(max_pixels)
         return (arrays, [FrameRef(f.topic, f.stamp_ns) for f in sel.frames], list(sel.topics),
-                [(*self.key_scope, topic, stamp) for topic, stamp in sel.keys])
+                [(*self.key_scope, topic, stamp) for topic, stamp in sel.keys], note)
 
     # ------------------------------------------------------------------ finishing
     def _finish(self, work: _Work, job, pending: PendingReply, what: str, t0: float) -> Reply:
@@ -365,10 +401,12 @@ class RequestHandler:
         return self._done(reply, t0)
 
     def _done(self, reply: Reply, t0: float) -> Reply:
-        if isinstance(reply, AdapterReply):  # what the engine runs now, whether the switch worked or not
+        if isinstance(reply, AdapterReply) and not reply.success:  # a switch that failed: what the engine runs now
             reply.active, reply.available = self.engine.active_adapter, list(self.engine.available_adapters)
         reply.latency_s = time.monotonic() - t0
         self.stats.record(reply)
+        if reply.success and reply.note and self.log is not None:
+            self.log.info(f"{NAMES[type(reply)]}: {reply.note}")
         return reply
 
     def _failed(self, reply: Reply, what: str, exc: BaseException, kind: str | None = None) -> None:

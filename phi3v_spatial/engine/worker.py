@@ -259,14 +259,17 @@ class InferenceWorker:
         now = time.monotonic()
         expired = []
         with self._lock:
-            for job in list(self._queue):
+            running = self._running is not None
+            for i, job in enumerate(list(self._queue)):
                 if now >= job.deadline:
                     self._queue.remove(job)
-                    expired.append(job)
-        for job in expired:
+                    expired.append((job, i + running))  # requests ahead of it at its deadline (running included)
+        for job, ahead in expired:
+            why = (f"the model was busy with {ahead} earlier request(s) ahead of it" if ahead else
+                   "nothing was running or queued ahead of it: the deadline passed before the model could start it")
             job._finish(TIMED_OUT, error=JobTimeout(
                 f"request timed out after {job.timeout_s:g} s while waiting in the queue "
-                f"(request_timeout_s / goal timeout_s); the model is busy with earlier requests"))
+                f"(request_timeout_s / goal timeout_s); {why}"))
         if expired:
             self._report_positions()
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from ..engine.images import DEFAULT_MAX_PIXELS
 from ..settings import (
-    NODE_NAME, ModelSettings, check_value, engine_options, offline_defaults, parse_adapters, resolve_topic,
+    NODE_NAME, ModelSettings, check_value, engine_options, offline_defaults, parse_adapters, request_limits,
+    resolve_topic,
 )
 
 
@@ -91,6 +92,7 @@ class ReplaySettings:
     num_crops: int = 0
     quantization: str = "none"
     engine_options: object = None  # EngineOptions from the same parameters as the node (settings.engine_options)
+    limits: dict = field(default_factory=dict)  # the request limits (settings.request_limits), as the node's
 
     @classmethod
     def from_params(cls, params: dict, source: str = "defaults") -> "ReplaySettings":
@@ -109,7 +111,7 @@ class ReplaySettings:
             model_path=v["model_path"], adapters=adapters, active_adapter=v["active_adapter"].strip(),
             device=v["device"] or "auto", dtype=v["dtype"] or "auto",
             attn_implementation=v["attn_implementation"] or "auto", num_crops=v["num_crops"],
-            quantization=v["quantization"] or "none", engine_options=engine_options(v))
+            quantization=v["quantization"] or "none", engine_options=engine_options(v), limits=request_limits(v))
 
     def model(self) -> ModelSettings:
         """What the node's configure would load from the same parameters."""
@@ -129,7 +131,7 @@ class ReplaySettings:
         from ..engine.requests import ServingSettings
 
         return ServingSettings(max_new_tokens=self.max_new_tokens, plan_max_new_tokens=self.plan_max_new_tokens,
-                               request_timeout_s=0.0, max_image_pixels=self.max_image_pixels)
+                               request_timeout_s=0.0, max_image_pixels=self.max_image_pixels, **self.limits)
 
     def window_kwargs(self) -> dict:
         return {"num_frames": self.num_frames, "min_interval_s": self.min_interval_s,

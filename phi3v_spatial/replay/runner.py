@@ -214,6 +214,8 @@ class Replayer:
             raise _Unanswerable(f"{where} ({(now_ns - first) / NS:+.3f} s from the bag start): {reply.error}")
         out["error"] = reply.error if reply.error_kind in ("", OUTPUT, REFUSED) else f"{where}: {reply.error}"
         out["latency_s"] = reply.latency_s
+        if reply.note:  # e.g. fewer frames than num_frames asked
+            out["note"] = reply.note
         return out
 
 
