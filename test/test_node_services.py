@@ -91,7 +91,12 @@ def test_ask_uses_both_cameras_and_publishes_relations(client, node_proc):
     assert len(stamps) == 4 and all(s > 0 for s in stamps)  # 2 frames x 2 cameras
     req1 = AskSpatial.Request(question="Where is the box?", image_topics=[FRONT], num_frames=1, max_new_tokens=3)
     res1 = client.call(AskSpatial, f"{NODE}/ask", req1)
-    assert res1.success and len(res1.frame_stamps) == 1
+    assert res1.success and len(res1.frame_stamps) == 1 and res1.note == ""
+    # more frames than the window keeps (window.capacity 8): answered with what there is, and the reply says so
+    req12 = AskSpatial.Request(question="Where is the box?", image_topics=[FRONT], num_frames=12, max_new_tokens=3)
+    res12 = client.call(AskSpatial, f"{NODE}/ask", req12)
+    assert res12.success, res12.error
+    assert len(res12.frame_stamps) < 12 and f"used {len(res12.frame_stamps)} frame(s) per camera of the 12 asked" in res12.note
     end = time.monotonic() + 10
     while len(published) < 2 and time.monotonic() < end:
         time.sleep(0.1)

@@ -113,6 +113,7 @@ def ask_response(reply: AskReply, res: AskSpatial.Response) -> AskSpatial.Respon
     res.relations = [relation_to_msg(r) for r in reply.relations]
     res.frame_stamps = [ns_to_stamp(f.stamp_ns) for f in reply.frames] if reply.success else []
     res.latency_s = float(reply.latency_s)
+    res.note = reply.note
     return res
 
 
@@ -121,12 +122,14 @@ def relations_response(reply: RelationsReply, res: QueryRelations.Response) -> Q
     res.relations = [relation_to_msg(r) for r in reply.relations]
     res.frame_stamps = [ns_to_stamp(f.stamp_ns) for f in reply.frames] if reply.success else []
     res.latency_s = float(reply.latency_s)
+    res.note = reply.note
     return res
 
 
 def plan_result(reply: PlanReply) -> Plan.Result:
     return Plan.Result(success=reply.success, error=reply.error, steps=[plan_step_to_msg(s) for s in reply.steps],
-                       reason=reply.reason, raw_text=reply.raw_text, latency_s=float(reply.latency_s))
+                       reason=reply.reason, raw_text=reply.raw_text, latency_s=float(reply.latency_s),
+                       note=reply.note)
 
 
 def adapter_response(reply: AdapterReply, res: SetAdapter.Response) -> SetAdapter.Response:
