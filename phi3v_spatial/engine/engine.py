@@ -459,7 +459,10 @@ class SpatialEngine:
         return tensor.to(self.device)
 
     def _frame_ids(self, images: Sequence[np.ndarray], frame_keys: Sequence | None) -> tuple | None:
-        """One identity per image for the caches (None when both caches are off: nothing to hash then)."""
+        """One identity per image for the caches (None when both caches are off: nothing to hash then).
+
+        Given keys must tell different pictures apart: the node and replay pass (scope, topic, stamp, digest of the
+        message bytes) from the FrameWindow; without keys the pixels are hashed here."""
         if frame_keys is not None:
             if len(frame_keys) != len(images):
                 raise EngineError(f"{len(frame_keys)} frame keys for {len(images)} images")
