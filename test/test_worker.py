@@ -266,7 +266,9 @@ def test_an_ask_finishes_while_a_big_relations_request_runs(engine):
     image = np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     img = R.RequestImage(RawPayload("rgb8", 24, 32, 96, image.tobytes()))
     worker = InferenceWorker(max_pending=4)
-    handler = R.RequestHandler(engine, worker, settings=R.ServingSettings(max_new_tokens=4, request_timeout_s=600))
+    # max_candidates raised from its default (256), as an operator may (up to 100,000)
+    handler = R.RequestHandler(engine, worker, settings=R.ServingSettings(max_new_tokens=4, request_timeout_s=600,
+                                                                          max_candidates=2000))
     try:
         candidates = [R.Relation(c.subject, c.relation, c.object) for c in _candidates(2000)]
         order, asked = [], []
@@ -347,7 +349,7 @@ def test_an_adapter_switched_during_a_long_request_restarts_it_under_the_new_ada
     relations = _candidates(300)
     base = [r.probability for r in engine.query_relations(relations, [image])]
     worker = InferenceWorker(max_pending=4)
-    handler = R.RequestHandler(engine, worker, settings=R.ServingSettings(request_timeout_s=600))
+    handler = R.RequestHandler(engine, worker, settings=R.ServingSettings(request_timeout_s=600, max_candidates=300))
     try:
         switched = []
         big = handler.submit(R.RelationsRequest(candidates=list(relations), images=[R.RequestImage(image)]),

@@ -37,7 +37,9 @@ def measure(engine, *, cooperative: bool, candidates: int, deadline_s: float, ev
     w, h = size
     image = R.RequestImage(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
     worker = InferenceWorker(max_pending=8, cooperative=cooperative)
-    long_layer = R.RequestHandler(engine, worker, settings=R.ServingSettings(request_timeout_s=0))
+    # max_candidates raised to the request's size (the node's parameter; its default 256 refuses bigger requests)
+    long_layer = R.RequestHandler(engine, worker, settings=R.ServingSettings(request_timeout_s=0,
+                                                                            max_candidates=max(1, candidates)))
     ask_layer = R.RequestHandler(engine, worker, settings=R.ServingSettings(request_timeout_s=deadline_s,
                                                                            max_new_tokens=max_new_tokens))
     try:
