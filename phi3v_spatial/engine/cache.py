@@ -3,8 +3,10 @@
 Two caches sit in front of the model (see ``SpatialEngine``):
 
 * ``VisionCache``: projected image embeddings per frame. A frame shared by consecutive windows or asked about
-  again is encoded once. Keyed by the frame's identity (camera topic + header stamp from the node and replay, a
-  content digest otherwise), the crop count, and the adapter when the adapter changes the vision tower.
+  again is encoded once. Keyed by the frame's identity (from the node and replay: camera topic + header stamp +
+  a BLAKE2b digest of the message bytes, so another picture under a stamp seen before -- sim reset, driver
+  restart, a bag played twice -- is never served an old entry; a pixel digest otherwise), the crop count, and
+  the adapter when the adapter changes the vision tower.
 * ``PrefixCache``: the language model's key/value tensors for the prompt prefix that holds a window's images.
   Every following question on that window prefills only its own words. Entries are never modified: users get a
   fresh cache built from them (copy-on-use), so a cancelled or failed request cannot corrupt the next one.

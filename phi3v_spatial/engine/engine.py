@@ -29,10 +29,13 @@ from .cache import ImageEmbedding, PrefixCache, PrefixEntry, VisionCache, conten
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, validate_image
 from .parsing import PlanParseError, Relation, parse_plan_reply, relation_from_question, relations_from_text
 from .streaming import TextStream
+from .worker import yield_to_waiting
 
 OnText = Callable[[str, int], None]
 ShouldStop = Callable[[], bool]
 
+# Generation lets the requests waiting on the worker run every this many tokens (relation scoring: every batch).
+YIELD_EVERY_TOKENS = 8
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -459,7 +462,10 @@ class SpatialEngine:
         return tensor.to(self.device)
 
     def _frame_ids(self, images: Sequence[np.ndarray], frame_keys: Sequence | None) -> tuple | None:
-        """One identity per image for the caches (None when both caches are off: nothing to hash then)."""
+        """One identity per image for the caches (None when both caches are off: nothing to hash then).
+
+        Given keys must tell different pictures apart: the node and replay pass (scope, topic, stamp, digest of the
+        message bytes) from the FrameWindow; without keys the pixels are hashed here."""
         if frame_keys is not None:
             if len(frame_keys) != len(images):
                 raise EngineError(f"{len(frame_keys)} frame keys for {len(images)} images")
@@ -570,30 +576,54 @@ class SpatialEngine:
             self.prefix_cache.put(prompt.prefix_key, entry, entry.nbytes)
         return out, mask
 
+    def _pause_for_waiting(self, adapter_tag: tuple) -> bool:
+        """Between chunks of a long request (called holding ``self._lock``): release the model lock and let the
+        worker run the requests waiting now (``yield_to_waiting``; a no-op off a worker thread or with nothing
+        waiting). True when the active adapter changed meanwhile (a set_adapter ran): the caller starts over, so
+        every part of one answer comes from one adapter."""
+        self._lock.release()
+        try:
+            ran = yield_to_waiting()
+        finally:
+            self._lock.acquire()
+        if not ran:
+            return False
+        self._check_ready()
+        return self._adapter_tag() != adapter_tag
+
     def _generate(self, text, images, max_new_tokens, on_text, should_stop, frame_keys=None) -> _Generation:
+        """Greedy generation. Every ``YIELD_EVERY_TOKENS`` tokens the requests waiting on the worker get the model
+        (see ``_pause_for_waiting``); an adapter switched meanwhile restarts the answer under the new adapter."""
         torch = self._torch
         if max_new_tokens <= 0:
             raise EngineError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         with self._lock, torch.inference_mode():
             self._check_ready()
-            frame_ids = self._frame_ids(images, frame_keys)
-            prompt = self._prompt(text, images, self._image_embeddings(images, frame_ids), frame_ids)
-            out, mask = self._prefill(prompt)
-            stream = TextStream(self.processor.tokenizer, on_text)
-            cancelled = False
-            while True:
-                next_id = int(out.logits[0, -1].float().argmax())
-                if next_id in self.stop_ids:
-                    break
-                stream.push(next_id)
-                if len(stream.ids) >= max_new_tokens:
-                    break
-                if should_stop and should_stop():
-                    cancelled = True
-                    break
-                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-                out = self._net(input_ids=torch.tensor([[next_id]], device=self.device), attention_mask=mask,
-                                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            restart = True
+            while restart:
+                restart = False
+                tag = self._adapter_tag()
+                frame_ids = self._frame_ids(images, frame_keys)
+                prompt = self._prompt(text, images, self._image_embeddings(images, frame_ids), frame_ids)
+                out, mask = self._prefill(prompt)
+                stream = TextStream(self.processor.tokenizer, on_text)
+                cancelled = False
+                while True:
+                    next_id = int(out.logits[0, -1].float().argmax())
+                    if next_id in self.stop_ids:
+                        break
+                    stream.push(next_id)
+                    if len(stream.ids) >= max_new_tokens:
+                        break
+                    if should_stop and should_stop():
+                        cancelled = True
+                        break
+                    if len(stream.ids) % YIELD_EVERY_TOKENS == 0 and self._pause_for_waiting(tag):
+                        restart = True
+                        break
+                    mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+                    out = self._net(input_ids=torch.tensor([[next_id]], device=self.device), attention_mask=mask,
+                                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
             return _Generation(stream.finish(), len(stream.ids), cancelled)
 
     def _yes_probability(self, logits) -> float:
@@ -609,54 +639,69 @@ class SpatialEngine:
         from the PrefixCache); the candidates' own words then run in batches of ``relation_batch_size``.
 
         Candidates whose prompts cannot share the prefix (LongRoPE switch) run whole, one by one, as the reference
-        would. ``should_stop`` is polled before every forward pass.
+        would. ``should_stop`` is polled before every forward pass. Between batches the requests waiting on the
+        worker get the model (``_pause_for_waiting``): thousands of candidates do not starve other clients; an
+        adapter switched meanwhile starts the scoring over, so all candidates are scored under one adapter.
         """
         torch = self._torch
         with self._lock, torch.inference_mode():
             self._check_ready()
-            frame_ids = self._frame_ids(images, frame_keys)
-            embeddings = self._image_embeddings(images, frame_ids)
-            prompts_ = [self._prompt(t, images, embeddings, frame_ids) for t in texts]
-            first = prompts_[0]
-            n = first.prefix_len
-            shared = [p for p in prompts_ if p.prefix_len == n and self._can_split(n, p.length)
-                      and torch.equal(p.input_ids[:, :n], first.input_ids[:, :n])]
-            use_prefix = len(shared) == len(prompts_) and (self.options.batched_relations or self.prefix_cache.enabled)
-            probs: list[float] = []
+            while True:
+                probs = self._score_candidates(texts, images, should_stop, frame_keys)
+                if probs is not None:
+                    return probs
 
-            def check_stop():
-                if should_stop and should_stop():
-                    raise EngineError(f"stopped after scoring {len(probs)} of {len(prompts_)} candidates "
-                                      "(cancelled or past the deadline)")
+    def _score_candidates(self, texts, images, should_stop, frame_keys) -> list[float] | None:
+        """``_yes_probabilities``' work under the model lock; None when an adapter switch calls for a new start."""
+        torch = self._torch
+        tag = self._adapter_tag()
+        frame_ids = self._frame_ids(images, frame_keys)
+        embeddings = self._image_embeddings(images, frame_ids)
+        prompts_ = [self._prompt(t, images, embeddings, frame_ids) for t in texts]
+        first = prompts_[0]
+        n = first.prefix_len
+        shared = [p for p in prompts_ if p.prefix_len == n and self._can_split(n, p.length)
+                  and torch.equal(p.input_ids[:, :n], first.input_ids[:, :n])]
+        use_prefix = len(shared) == len(prompts_) and (self.options.batched_relations or self.prefix_cache.enabled)
+        step = max(1, int(self.options.relation_batch_size)) if self.options.batched_relations else 1
+        probs: list[float] = []
 
-            if len(prompts_) == 1:  # one candidate: a plain prefill (whole prompt, or the cached prefix + its words)
-                check_stop()
-                out, _ = self._prefill(first)
-                return [self._yes_probability(out.logits[0, -1])]
-            if not use_prefix:
-                for p in prompts_:
-                    check_stop()
-                    mask = torch.ones((1, p.length), dtype=torch.long, device=self.device)
-                    out = self._forward_embeds(p.input_ids, p.features, attention_mask=mask, logits_to_keep=1)
-                    probs.append(self._yes_probability(out.logits[0, -1]))
-                return probs
+        def check_stop():
+            if should_stop and should_stop():
+                raise EngineError(f"stopped after scoring {len(probs)} of {len(prompts_)} candidates "
+                                  "(cancelled or past the deadline)")
+
+        if len(prompts_) == 1:  # one candidate: a plain prefill (whole prompt, or the cached prefix + its words)
             check_stop()
-            entry = self._prefix(first)
-            step = max(1, int(self.options.relation_batch_size)) if self.options.batched_relations else 1
-            pad = self.processor.pad_token_id
-            for start in range(0, len(prompts_), step):
+            out, _ = self._prefill(first)
+            return [self._yes_probability(out.logits[0, -1])]
+        if not use_prefix:
+            for i, p in enumerate(prompts_):
                 check_stop()
-                chunk = prompts_[start : start + step]
-                suffixes = [p.input_ids[0, n:] for p in chunk]
-                width = max(x.shape[0] for x in suffixes)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=self.device)
-                mask = torch.zeros((len(chunk), n + width), dtype=torch.long, device=self.device)
-                mask[:, :n] = 1
-                for r, x in enumerate(suffixes):  # right padding: real tokens never attend to the pads after them
-                    ids[r, : x.shape[0]] = x
-                    mask[r, n : n + x.shape[0]] = 1
-                out = self._net(input_ids=ids, attention_mask=mask, past_key_values=entry.to_cache(len(chunk)),
-                                use_cache=True)
-                for r, x in enumerate(suffixes):
-                    probs.append(self._yes_probability(out.logits[r, x.shape[0] - 1]))
+                mask = torch.ones((1, p.length), dtype=torch.long, device=self.device)
+                out = self._forward_embeds(p.input_ids, p.features, attention_mask=mask, logits_to_keep=1)
+                probs.append(self._yes_probability(out.logits[0, -1]))
+                if (i + 1) % step == 0 and i + 1 < len(prompts_) and self._pause_for_waiting(tag):
+                    return None
             return probs
+        check_stop()
+        entry = self._prefix(first)  # held here: an eviction while others run cannot take it away
+        pad = self.processor.pad_token_id
+        for start in range(0, len(prompts_), step):
+            if start and self._pause_for_waiting(tag):
+                return None
+            check_stop()
+            chunk = prompts_[start : start + step]
+            suffixes = [p.input_ids[0, n:] for p in chunk]
+            width = max(x.shape[0] for x in suffixes)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(chunk), n + width), dtype=torch.long, device=self.device)
+            mask[:, :n] = 1
+            for r, x in enumerate(suffixes):  # right padding: real tokens never attend to the pads after them
+                ids[r, : x.shape[0]] = x
+                mask[r, n : n + x.shape[0]] = 1
+            out = self._net(input_ids=ids, attention_mask=mask, past_key_values=entry.to_cache(len(chunk)),
+                            use_cache=True)
+            for r, x in enumerate(suffixes):
+                probs.append(self._yes_probability(out.logits[r, x.shape[0] - 1]))
+        return probs

@@ -381,7 +381,7 @@ class RequestHandler:
                     f"{w.min_interval_s:g} s apart and newer than window.max_age_s = {w.max_age_s:g} s")
         arrays = sel.images(max_pixels)
         return (arrays, [FrameRef(f.topic, f.stamp_ns) for f in sel.frames], list(sel.topics),
-                [(*self.key_scope, topic, stamp) for topic, stamp in sel.keys], note)
+                [(*self.key_scope, *key) for key in sel.keys], note)  # (scope..., topic, stamp, payload digest)
 
     # ------------------------------------------------------------------ finishing
     def _finish(self, work: _Work, job, pending: PendingReply, what: str, t0: float) -> Reply:

@@ -17,9 +17,23 @@ older than it, up to ``num_frames``; frames older than ``max_age_s`` are never u
 
 Frames are stored undecoded (a reference to the message's byte buffer, no copy on the subscription
 callback) and decoded lazily, once, by whoever selects them (see :class:`Frame.rgb`).
+
+Frame identity: (topic, header stamp) alone does not name a picture -- a simulator reset, a camera driver
+restart or a bag played twice sends *different* pixels under stamps already seen. Every frame therefore also
+carries a digest of its payload bytes (:attr:`Frame.digest`, BLAKE2b-128 over the encoding, size and data),
+computed once, lazily (by the request that first selects the frame, or by ``add`` when the stamp collides with
+a held frame), never per frame on the subscription callback. ``Selection.keys`` -- what the engine's caches key
+on -- is (topic, stamp, digest): different pixels never share a cache entry. Stamp rules in ``add``:
+
+* a stamp older than the topic's latest frame means the clock went back (sim time reset, a bag looped or
+  played again, a driver restart): the topic's buffer starts afresh, so old pictures are never mixed into a
+  window with new ones -- unless it is a re-delivery of a frame held already (same stamp, same bytes);
+* the same stamp as the latest frame with the same bytes is a duplicate (dropped); with other bytes it is a
+  new picture and also starts the topic afresh.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -30,9 +44,7 @@ import numpy as np
 from .images import ImageDecodeError, ImageTooLarge, decode_compressed, decode_raw, validate_image
 
 NS = 1_000_000_000
-# A stamp this far behind the topic's latest frame means the clock jumped back (sim restart, looped
-# bag): start the topic afresh instead of silently ignoring every new frame.
-BACKJUMP_RESET_NS = 1 * NS
+DIGEST_BYTES = 16
 
 
 class WindowError(Exception):
@@ -71,10 +83,42 @@ def decode_payload(payload, max_pixels: int | None = None) -> np.ndarray:
     return validate_image(payload, max_pixels=max_pixels)
 
 
-class Frame:
-    """One camera frame; decodes its payload at most once, on first use, off the subscription thread."""
+def _bytes_view(data) -> memoryview:
+    """The bytes of a message buffer (bytes, array.array, numpy array, list) without a copy where possible."""
+    try:
+        view = memoryview(data)
+        if view.c_contiguous:
+            return view.cast("B")
+    except TypeError:
+        pass
+    return memoryview(np.ascontiguousarray(np.asarray(data, dtype=np.uint8))).cast("B")
 
-    __slots__ = ("topic", "stamp_ns", "payload", "_rgb", "_error", "_lock")
+
+def payload_digest(payload) -> str:
+    """Hex BLAKE2b-128 of what makes the picture: encoding / format, size, and every data byte."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    if isinstance(payload, RawPayload):
+        h.update(f"raw|{payload.encoding}|{payload.height}|{payload.width}|{payload.step}|"
+                 f"{int(bool(payload.is_bigendian))}|".encode())
+        h.update(_bytes_view(payload.data))
+    elif isinstance(payload, CompressedPayload):
+        h.update(f"compressed|{payload.format}|".encode())
+        h.update(_bytes_view(payload.data))
+    else:
+        arr = np.ascontiguousarray(payload)
+        h.update(f"array|{arr.shape}|{arr.dtype}|".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+class Frame:
+    """One camera frame; decodes its payload at most once, on first use, off the subscription thread.
+
+    ``digest`` (the payload bytes' BLAKE2b) is computed at most once too, on first use; it stays valid after the
+    payload buffer is dropped for the decoded image.
+    """
+
+    __slots__ = ("topic", "stamp_ns", "payload", "_rgb", "_error", "_lock", "_digest")
 
     def __init__(self, topic: str, stamp_ns: int, payload):
         self.topic = topic
@@ -82,7 +126,23 @@ class Frame:
         self.payload = payload
         self._rgb: np.ndarray | None = None
         self._error: ImageDecodeError | None = None
+        self._digest: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def digest(self) -> str:
+        """Content identity of the frame's payload (hex); with topic and stamp, the frame's cache identity."""
+        with self._lock:
+            return self._digest_locked()
+
+    def _digest_locked(self) -> str:
+        if self._digest is None:
+            self._digest = payload_digest(self.payload if self.payload is not None else self._rgb)
+        return self._digest
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.topic, self.stamp_ns, self.digest)
 
     def rgb(self, max_pixels: int | None = None) -> np.ndarray:
         """RGB uint8 HxWx3; raises ImageDecodeError naming the topic when the payload is unusable."""
@@ -90,6 +150,7 @@ class Frame:
             if self._rgb is None and self._error is None:
                 try:
                     self._rgb = decode_payload(self.payload, max_pixels)
+                    self._digest_locked()  # of the message bytes, before they go
                     self.payload = None  # the decoded array replaces the message buffer
                 except ImageTooLarge as exc:  # the limit may be raised at runtime: try again next time
                     raise ImageTooLarge(f"camera {self.topic}: {exc}") from None
@@ -115,9 +176,11 @@ class Selection:
         return [f.stamp_ns for f in self.frames]
 
     @property
-    def keys(self) -> list[tuple[str, int]]:
-        """(topic, header stamp) per frame: the frame identity the engine's caches use."""
-        return [(f.topic, f.stamp_ns) for f in self.frames]
+    def keys(self) -> list[tuple[str, int, str]]:
+        """(topic, header stamp, payload digest) per frame: the frame identity the engine's caches use.
+
+        The digest makes it honest: a different picture under a (topic, stamp) seen before is a different key."""
+        return [f.key for f in self.frames]
 
     def images(self, max_pixels: int | None = None) -> list[np.ndarray]:
         return [f.rgb(max_pixels) for f in self.frames]
@@ -184,29 +247,38 @@ class FrameWindow:
         with self._lock:
             return sorted(self._topics)
 
-    # -- ingest (hot path: O(1), no decoding, no copying) ----------------------------------------
+    # -- ingest (hot path: O(1), no decoding, no copying, no hashing but on a stamp collision) ----------------------------------------
     def add(self, topic: str, stamp_ns: int, payload) -> str:
-        """Store a frame; returns what happened: 'keyframe', 'latest', 'duplicate', 'out_of_order' or 'reset'."""
+        """Store a frame; returns what happened: 'keyframe', 'latest', 'duplicate' or 'reset'.
+
+        'reset': the stamp went back (or a new picture came under the latest stamp): the topic starts afresh with
+        this frame. 'duplicate': a frame held already (same stamp, same bytes), delivered again: dropped.
+        """
         frame = Frame(topic, stamp_ns, payload)
         min_ns = int(self.min_interval_s * NS)
+        with self._lock:
+            buf = self._topics.get(topic)
+            same_stamp = [] if buf is None or buf.latest is None or frame.stamp_ns > buf.latest.stamp_ns else \
+                [f for f in (*buf.keyframes, buf.latest) if f.stamp_ns == frame.stamp_ns]
+        if same_stamp:  # rare (a re-delivery or a clock reset): hash outside the window lock; frames keep digests
+            for f in (frame, *same_stamp):
+                f.digest  # noqa: B018 - computes and keeps it
         with self._lock:
             buf = self._topics.get(topic)
             if buf is None:
                 buf = self._topics[topic] = _TopicBuffer(self.capacity)
             buf.received += 1
             status = "keyframe"
-            if buf.latest is not None:
-                if frame.stamp_ns == buf.latest.stamp_ns:
+            latest = buf.latest
+            if latest is not None and frame.stamp_ns <= latest.stamp_ns:
+                if any(f.stamp_ns == frame.stamp_ns and f.digest == frame.digest for f in (*buf.keyframes, latest)):
                     buf.dropped += 1
                     return "duplicate"
-                if frame.stamp_ns < buf.latest.stamp_ns:
-                    if buf.latest.stamp_ns - frame.stamp_ns < BACKJUMP_RESET_NS:
-                        buf.dropped += 1
-                        return "out_of_order"
-                    buf.keyframes.clear()
-                    buf.latest = None
-                    buf.resets += 1
-                    status = "reset"
+                # the clock went back (or another picture came under a stamp seen before): start afresh
+                buf.keyframes.clear()
+                buf.latest = None
+                buf.resets += 1
+                status = "reset"
             buf.latest = frame
             if not buf.keyframes or frame.stamp_ns - buf.keyframes[-1].stamp_ns >= min_ns:
                 buf.keyframes.append(frame)

@@ -14,6 +14,13 @@ Rules:
   :class:`JobTimeout` (carrying whatever partial value the function returned).
 * ``cancel()`` removes a queued job at once; for a running job it makes ``should_stop()`` true, which the
   engine polls before every token, and the job ends as :class:`JobCancelled`.
+* Long jobs share the thread cooperatively: a job may call :func:`yield_to_waiting` between chunks of its
+  work (the engine does, between relation-scoring batches and every few generated tokens, with its model lock
+  released). The jobs that were waiting at that moment then run, each to its end, on the same thread, and the
+  long job goes on after them. So 5,000 relation candidates no longer hold every other client past its deadline;
+  the long job pays for the others' time against its own deadline. Yields do not nest (a job run inside a yield
+  does not yield itself), and jobs that arrive during a yield wait for the next one, so a stream of short
+  requests cannot starve a long one either.
 * Nobody has to wait on a job for these rules to hold: a second thread of the worker expires queued jobs at
   their deadlines, done callbacks report the end, and ``on_position`` reports every change of a queued job's
   place. So callers (the node's async callbacks) need no thread of their own per request.
@@ -25,6 +32,21 @@ import threading
 import time
 from collections import deque
 from typing import Any, Callable
+
+_local = threading.local()  # .worker: the InferenceWorker whose model thread this is
+
+
+def yield_to_waiting() -> int:
+    """Called by a running job between chunks of its work: run the jobs waiting now, then return (how many ran).
+
+    A no-op (0) off a worker's model thread, inside a job that itself runs within a yield, or with cooperation
+    off (``InferenceWorker(cooperative=False)``). The caller must hold no lock another job needs (the engine
+    releases its model lock around this call) and must expect shared state (e.g. the active adapter) to have
+    changed when it returns.
+    """
+    worker = getattr(_local, "worker", None)
+    return worker._run_waiting() if worker is not None else 0
+
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, TIMED_OUT = "queued", "running", "done", "failed", "cancelled", "timed_out"
 _FINISHED = (DONE, FAILED, CANCELLED, TIMED_OUT)
@@ -162,11 +184,14 @@ class InferenceWorker:
 
     _ids = itertools.count(1)
 
-    def __init__(self, max_pending: int = 4, name: str = "inference"):
+    def __init__(self, max_pending: int = 4, name: str = "inference", cooperative: bool = True):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Job] = deque()
         self._running: Job | None = None
+        self._suspended: Job | None = None  # a long job paused in yield_to_waiting while others run
+        self.cooperative = bool(cooperative)
+        self.yields = 0  # jobs run inside another job's yield (diagnostics)
         self.max_pending = int(max_pending)
         self._stopping = False
         self.rejected = 0
@@ -189,7 +214,7 @@ class InferenceWorker:
             if self._stopping:
                 self.rejected += 1
                 raise JobRejected("not run: the inference worker is shutting down or has stopped (node cleaning up or exiting)")
-            busy = self._running is not None or bool(self._queue)
+            busy = self._running is not None or self._suspended is not None or bool(self._queue)
             if busy and len(self._queue) >= self.max_pending:
                 self.rejected += 1
                 raise JobRejected(
@@ -209,7 +234,7 @@ class InferenceWorker:
     # -- status --------------------------------------------------------------------------------
     def position(self, job: Job) -> int | None:
         with self._lock:
-            if job is self._running:
+            if job is self._running or job is self._suspended:
                 return 0
             try:
                 return self._queue.index(job) + 1
@@ -225,7 +250,7 @@ class InferenceWorker:
     @property
     def busy(self) -> bool:
         with self._lock:
-            return self._running is not None
+            return self._running is not None or self._suspended is not None
 
     def _report_positions(self) -> None:
         """Tell every waiting job with an ``on_position`` listener its new place, if it changed."""
@@ -288,6 +313,7 @@ class InferenceWorker:
 
     # -- the thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        _local.worker = self
         while True:
             self._expire_due()
             with self._lock:
@@ -299,29 +325,63 @@ class InferenceWorker:
                 if time.monotonic() >= job.deadline:
                     self._queue.appendleft(job)
                     continue  # _expire_due handles it on the next turn
-                self._running = job
-                job.state = RUNNING
-                job.started = time.monotonic()
-            self._report_positions()
-            value, error, state = None, None, DONE
-            try:
-                value = job._fn(job)
-            except BaseException as exc:  # noqa: BLE001 - reported through the job, never kills the thread
-                error, state = exc, FAILED
-            if error is None and self._stopping:
-                error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down (node cleaning up or "
-                                            f"exiting)", partial=value), CANCELLED
-            elif error is None and job.cancel_requested:
-                error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
-            elif error is None and job.stop_signalled and time.monotonic() >= job.deadline:
-                # only a job the deadline actually cut short; a result completed just after it is kept
-                error, state = JobTimeout(
-                    f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
-                    f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
-                    partial=value), TIMED_OUT
+                self._start(job)
+            self._run(job)
+
+    def _run_waiting(self) -> int:
+        """The running job yields: run the jobs queued at this moment (not later arrivals), then give it back the thread."""
+        with self._lock:
+            if not self.cooperative or self._suspended is not None or self._stopping or not self._queue:
+                return 0
+            outer, count = self._running, len(self._queue)
+            self._suspended = outer
+        ran = 0
+        try:
+            for _ in range(count):
+                self._expire_due()
+                with self._lock:
+                    if self._stopping or not self._queue:
+                        break
+                    job = self._queue.popleft()
+                    if time.monotonic() >= job.deadline:
+                        self._queue.appendleft(job)
+                        continue
+                    self._start(job)
+                self._run(job)
+                ran += 1
+        finally:
             with self._lock:
-                self._running = None
-            job._finish(state, value, error)
+                self._running, self._suspended = outer, None
+                self.yields += ran
+        return ran
+
+    def _start(self, job: Job) -> None:  # under self._lock
+        self._running = job
+        job.state = RUNNING
+        job.started = time.monotonic()
+
+    def _run(self, job: Job) -> None:
+        """Run a started job's function and finish it (on the model thread)."""
+        self._report_positions()
+        value, error, state = None, None, DONE
+        try:
+            value = job._fn(job)
+        except BaseException as exc:  # noqa: BLE001 - reported through the job, never kills the thread
+            error, state = exc, FAILED
+        if error is None and self._stopping:
+            error, state = JobCancelled(f"{job.name} stopped: the worker is shutting down (node cleaning up or "
+                                        f"exiting)", partial=value), CANCELLED
+        elif error is None and job.cancel_requested:
+            error, state = JobCancelled(f"{job.name} cancelled while running", partial=value), CANCELLED
+        elif error is None and job.stop_signalled and time.monotonic() >= job.deadline:
+            # only a job the deadline actually cut short; a result completed just after it is kept
+            error, state = JobTimeout(
+                f"request timed out: generation stopped at the {job.timeout_s:g} s deadline "
+                f"(request_timeout_s / goal timeout_s); raise it or lower max_new_tokens",
+                partial=value), TIMED_OUT
+        with self._lock:
+            self._running = None
+        job._finish(state, value, error)
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Reject new jobs, cancel queued ones, ask the running one to stop, and join the thread."""
@@ -329,13 +389,13 @@ class InferenceWorker:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            running = self._running
+            running = [j for j in (self._running, self._suspended) if j is not None]
             self._wake.notify_all()
         for job in queued:
             job._cancel.set()
             job._finish(CANCELLED, error=JobCancelled(f"{job.name} cancelled: the worker is shutting down"))
-        if running is not None:
-            running._cancel.set()
+        for job in running:
+            job._cancel.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         if threading.current_thread() is not self._reaper:
