@@ -68,7 +68,7 @@ PARAMETERS: tuple[Param, ...] = (
           offline=True),
     Param("quantization", "none", str, "none / 8bit / 4bit decoder weights via bitsandbytes (CUDA only, optional)",
           read_only=True, offline=True),
-    Param("cache.vision_mb", 256.0, float, "image-embedding cache per frame (topic + stamp), MB; 0 = off", (0, 1e6),
+    Param("cache.vision_mb", 256.0, float, "image-embedding cache per frame (topic + stamp + content digest), MB; 0 = off", (0, 1e6),
           offline=True),
     Param("cache.prefix_mb", 1024.0, float, "KV cache of image prompt prefixes per window, MB; 0 = off", (0, 1e6),
           offline=True),

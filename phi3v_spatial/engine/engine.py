@@ -371,8 +371,8 @@ class SpatialEngine:
             frame_keys: Sequence | None = None) -> AskResult:
         """Answer a free-form question; ``relations`` holds what the answer states.
 
-        ``frame_keys``: one hashable identity per image (the node and replay pass (topic, stamp)); the caches
-        take images with the same key to be the same picture. Without keys a digest of the pixels is used.
+        ``frame_keys``: one hashable identity per image (the node and replay pass (scope, topic, stamp, content
+        digest)); the caches take images with the same key to be the same picture. Without keys a digest of the pixels is used.
         """
         check_text(question, "question")
         images = validate_images(images, self.max_image_pixels)
