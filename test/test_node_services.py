@@ -185,35 +185,39 @@ def test_plan_streams_feedback_and_returns_a_result(client, endless_model_dir):
 
 
 def test_cancel_queue_position_and_full_queue(client):
-    """max_pending=1: one long plan runs, a second waits (position 1), an ask is rejected at once; both cancel."""
+    """max_pending=1: one long plan runs; a second gets the model at the first one's next pause (fair share) and
+    runs; a third waits (position 1), an ask is rejected at once; all three cancel."""
     from action_msgs.msg import GoalStatus
     from phi3v_spatial_interfaces.action import Plan
     from phi3v_spatial_interfaces.srv import AskSpatial
 
-    fb1, fb2 = [], []
+    fb1, fb2, fb3 = [], [], []
     long_goal = Plan.Goal(instruction="describe everything at length", image_topics=[FRONT], max_new_tokens=8000)
+
+    def wait_stage(feedback, stage, timeout):
+        end = time.monotonic() + timeout
+        while not any(f.stage == stage for f in feedback) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert any(f.stage == stage for f in feedback), f"never reached {stage!r}: {[f.stage for f in feedback]}"
+
     h1 = _send_plan(client, long_goal, fb1)
-    end = time.monotonic() + 30
-    while not any(f.stage == "generating" for f in fb1) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert any(f.stage == "generating" for f in fb1), "the long plan never started generating"
+    wait_stage(fb1, "generating", 30)
     h2 = _send_plan(client, long_goal, fb2)
-    end = time.monotonic() + 10
-    while not any(f.stage == "queued" for f in fb2) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert [f.queue_position for f in fb2 if f.stage == "queued"][:1] == [1]
+    wait_stage(fb2, "generating", 30)  # run within the first plan's pause between tokens
+    h3 = _send_plan(client, long_goal, fb3)
+    wait_stage(fb3, "queued", 10)
+    assert [f.queue_position for f in fb3 if f.stage == "queued"][:1] == [1]
 
     rejected = client.call(AskSpatial, f"{NODE}/ask", AskSpatial.Request(question="anything?", image_topics=[FRONT]), 30)
     assert not rejected.success and "queue is full" in rejected.error and "queue.max_pending" in rejected.error
 
     tokens_at_cancel = max(f.tokens_generated for f in fb1)
-    client.wait(h2.cancel_goal_async(), 30)
-    client.wait(h1.cancel_goal_async(), 30)
-    r1 = client.wait(h1.get_result_async(), 60)
-    r2 = client.wait(h2.get_result_async(), 60)
-    assert r1.status == GoalStatus.STATUS_CANCELED and r2.status == GoalStatus.STATUS_CANCELED
-    assert not r1.result.success and "cancelled" in r1.result.error
-    assert tokens_at_cancel < 8000 and not any(f.stage == "generating" for f in fb2)
+    for h in (h3, h2, h1):
+        client.wait(h.cancel_goal_async(), 30)
+    results = [client.wait(h.get_result_async(), 60) for h in (h1, h2, h3)]
+    assert all(r.status == GoalStatus.STATUS_CANCELED for r in results), [r.status for r in results]
+    assert all(not r.result.success and "cancelled" in r.result.error for r in results[:2]), results
+    assert tokens_at_cancel < 8000 and not any(f.stage == "generating" for f in fb3)
     # the node keeps serving
     ok = client.call(AskSpatial, f"{NODE}/ask", AskSpatial.Request(question="still there?", image_topics=[FRONT]))
     assert ok.success, ok.error
