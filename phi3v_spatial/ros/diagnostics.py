@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 CACHE_KEYS = ("entries", "bytes", "hits", "misses", "evictions")
+DELIVERY_WARN_FRACTION = 0.95  # a camera delivering fewer of the frames it sends (last 10 s) is a WARN
+# Fast DDS's default shared-memory segment: a publisher whose frames are larger loses many of them on one host.
+FASTDDS_DEFAULT_SHM_SEGMENT = 512 * 1024
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Snapshot:
     max_age_s: float = 0.0
     cameras: dict = field(default_factory=dict)       # FrameWindow.stats(now)
     camera_types: dict = field(default_factory=dict)  # topic -> message type subscribed
+    delivery: dict = field(default_factory=dict)      # cameras.CameraStats.snapshot()
+    depth_topics: dict = field(default_factory=dict)  # cameras that publish depth images -> encoding
 
 
 def diagnostics(s: Snapshot) -> DiagnosticArray:
@@ -63,22 +68,42 @@ def diagnostics(s: Snapshot) -> DiagnosticArray:
     else:
         level, message = DiagnosticStatus.OK, "serving"
     statuses = [_status(level, f"{s.node}: inference", message, s.node, values)]
-    for topic, st in s.cameras.items():
-        age = st["age_s"]
-        if st["latest_stamp_ns"] is None:
-            level, message = DiagnosticStatus.WARN, "no frames received"
-        elif s.max_age_s > 0 and age is not None and age > s.max_age_s:
-            level, message = DiagnosticStatus.WARN, f"stale: newest frame {age:.2f} s old"
-        else:
-            level, message = DiagnosticStatus.OK, "receiving"
-        kv = {"frames": str(st["frames"]), "received": str(st["received"]), "dropped": str(st["dropped"]),
-              "age_s": "" if age is None else f"{age:.3f}",
-              "latest_stamp_ns": "" if st["latest_stamp_ns"] is None else str(st["latest_stamp_ns"]),
-              "type": s.camera_types.get(topic, "")}
+    for topic in sorted(set(s.cameras) | set(s.depth_topics)):
+        level, message, kv = _camera(s, topic)
         statuses.append(_status(level, f"{s.node}: camera {topic}", message, s.node, kv))
     arr = DiagnosticArray(status=statuses)
     arr.header.stamp = s.stamp
     return arr
+
+
+def _camera(s: Snapshot, topic: str) -> tuple[bytes, str, dict]:
+    """One camera: what the window holds, what arrived, and what the camera sent (estimated from its stamps)."""
+    st = s.cameras.get(topic) or {}
+    d = s.delivery.get(topic) or {}
+    age, latest = st.get("age_s"), st.get("latest_stamp_ns")
+    delivered, pub_hz, rx_hz = d.get("delivered"), d.get("publisher_hz"), d.get("received_hz", 0.0)
+    kv = {"frames": str(st.get("frames", 0)), "received": str(d.get("received", st.get("received", 0))),
+          "received_hz": f"{rx_hz:.2f}", "publisher_hz": "" if pub_hz is None else f"{pub_hz:.2f}",
+          "missed": str(d.get("missed", 0)), "delivered_pct": "" if delivered is None else f"{100 * delivered:.1f}",
+          "dropped": str(st.get("dropped", 0)), "frame_bytes": str(d.get("frame_bytes", 0)),
+          "age_s": "" if age is None else f"{age:.3f}", "latest_stamp_ns": "" if latest is None else str(latest),
+          "type": s.camera_types.get(topic, "")}
+    if topic in s.depth_topics:
+        kv["ignored"] = f"depth images ({s.depth_topics[topic]})"
+        return (DiagnosticStatus.WARN, f"ignored: publishes depth images ({s.depth_topics[topic]}); the model needs "
+                f"colour images", kv)
+    if latest is None:
+        return DiagnosticStatus.WARN, "no frames received", kv
+    if s.max_age_s > 0 and age is not None and age > s.max_age_s:
+        return DiagnosticStatus.WARN, f"stale: newest frame {age:.2f} s old", kv
+    if delivered is not None and delivered < DELIVERY_WARN_FRACTION:
+        message = (f"losing frames: {100 * delivered:.0f}% of the camera's frames arrive ({rx_hz:.1f} of "
+                   f"~{pub_hz:.1f} Hz over the last 10 s; {d.get('missed', 0)} missed in all)")
+        if d.get("frame_bytes", 0) > FASTDDS_DEFAULT_SHM_SEGMENT:
+            message += (f"; frames of {d['frame_bytes'] // 1024} KiB exceed Fast DDS's default 512 KiB shared-memory "
+                        f"segment: give the camera's process a larger one (README, Cameras) or publish compressed")
+        return DiagnosticStatus.WARN, message, kv
+    return DiagnosticStatus.OK, f"receiving {rx_hz:.1f} Hz", kv
 
 
 def _status(level, name: str, message: str, hardware_id: str, values: dict) -> DiagnosticStatus:

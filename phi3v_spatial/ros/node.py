@@ -27,6 +27,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.task import Future
 
 from phi3v_spatial import paths
 from phi3v_spatial.engine.engine import EngineError, check_adapter
@@ -39,7 +40,7 @@ from phi3v_spatial.settings import NODE_NAME, ModelSettings, serving_settings, w
 from phi3v_spatial_interfaces.msg import PlanStamped, RelationsStamped
 from phi3v_spatial_interfaces.srv import AskSpatial, QueryRelations, SetAdapter
 
-from .cameras import Cameras
+from .cameras import Cameras, RequestWindow
 from .diagnostics import Snapshot, diagnostics
 from .messages import (
     adapter_request, adapter_response, ask_request, ask_response, relations_request, relations_response,
@@ -52,6 +53,8 @@ from .plan_action import InFlight, PlanAction, await_reply
 # lifecycle / parameter services (configure loads the model), timers, and request callbacks converting messages.
 EXECUTOR_THREADS = 4
 TOPIC_RECHECK_PERIOD_S = 1.0  # how often cameras that sent nothing yet are matched against the graph's types
+STARTING_TRANSITIONS = ("configuring", "activating")  # requests arriving during these wait for them to end
+READY_POLL_S = 0.05  # how often a request waiting for the node to come up looks again
 
 
 class SpatialNode(LifecycleNode):
@@ -88,6 +91,8 @@ class SpatialNode(LifecycleNode):
         self._recheck_timer = self._timer(TOPIC_RECHECK_PERIOD_S, self.cameras.recheck_types)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
+        # True until autostart has walked the node to active (or failed): requests arriving meanwhile wait for it.
+        self._autostarting = bool(p["autostart"])
         if p["autostart"]:
             self._autostart_timer = self.create_timer(0.0, self._autostart, callback_group=self._timer_group)
 
@@ -174,10 +179,18 @@ class SpatialNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle
     def _autostart(self) -> None:
         self.destroy_timer(self._autostart_timer)
-        if self.lifecycle_state != "unconfigured":
-            return  # a lifecycle manager got there first
-        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS and self.lifecycle_state == "inactive":
-            self.trigger_activate()
+        try:
+            if self.lifecycle_state != "unconfigured":
+                return  # a lifecycle manager got there first
+            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS and self.lifecycle_state == "inactive":
+                self.trigger_activate()
+        finally:
+            self._autostarting = False
+
+    @property
+    def starting(self) -> bool:
+        """The node is bringing itself up: autostart not finished, or a configure / activate transition running."""
+        return not self._stopping and (self._autostarting or self.lifecycle_state in STARTING_TRANSITIONS)
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = parameter_values(self)
@@ -194,7 +207,7 @@ class SpatialNode(LifecycleNode):
             self.get_logger().debug(traceback.format_exc())
             return TransitionCallbackReturn.FAILURE
         self._requests = RequestHandler(
-            engine, InferenceWorker(max_pending=p["queue.max_pending"]), window=self._window,
+            engine, InferenceWorker(max_pending=p["queue.max_pending"]), window=RequestWindow(self._window, self.cameras),
             settings=serving_settings(p), resolve_topic=self.cameras.resolve,
             clock=lambda: self.get_clock().now().nanoseconds, stats=self._stats, log=self.get_logger())
         self._configure_error = ""
@@ -262,14 +275,52 @@ class SpatialNode(LifecycleNode):
                                + ("; model released" if handler is not None else "; no model was loaded"))
 
     # ------------------------------------------------------------------ requests
+    def _startup_deadline(self, request) -> float:
+        """Monotonic time until which a request may wait for the node to come up: its own deadline."""
+        timeout = float(getattr(request, "timeout_s", 0.0) or 0.0) or float(self._param("request_timeout_s"))
+        return time.monotonic() + timeout
+
+    async def _await_ready(self, request) -> None:
+        """While the node configures / activates itself, wait (without holding a thread) until it is done or the
+        request's deadline passes; ``_handler`` then says what the node's state is."""
+        if not self.starting:
+            return
+        end = self._startup_deadline(request)
+        while self.starting and time.monotonic() < end:
+            await self._sleep(min(READY_POLL_S, max(0.0, end - time.monotonic())))
+
+    async def _sleep(self, seconds: float) -> None:
+        future = Future(executor=self.executor)
+
+        def fire():
+            future.set_result(None)
+            if self.executor is not None:
+                self.executor.wake()
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        await future
+
     def _handler(self, request) -> tuple[RequestHandler | None, Reply | None]:
         """The handler while active (read once: a concurrent cleanup cannot pull it away mid-request), else a
-        reply saying why not."""
+        reply saying why not.
+
+        A request that finds the node bringing itself up waits for that (bounded by its deadline): coroutine
+        callbacks await ``_await_ready`` first; a plan goal (which calls this directly) waits here on its thread.
+        """
+        if self.starting:
+            end = self._startup_deadline(request)
+            while self.starting and time.monotonic() < end:
+                time.sleep(READY_POLL_S)
         handler, state = self._requests, self.lifecycle_state
         if handler is not None and state == "active" and not self._stopping:
             return handler, None
         if self._stopping:
             error = "node is shutting down (SIGINT/SIGTERM); the request was not run"
+        elif self.starting:
+            error = (f"node is still starting (state: {state}; the model is loading) and was not ready within the "
+                     f"request's deadline; try again, or raise request_timeout_s")
         elif handler is None:
             reason = f" ({self._configure_error})" if self._configure_error else ""
             error = (f"node is not configured: the model is not loaded{reason}; configure and activate it "
@@ -286,6 +337,7 @@ class SpatialNode(LifecycleNode):
 
     async def _serve(self, request, **callbacks) -> Reply:
         with self._in_flight:
+            await self._await_ready(request)
             handler, refused = self._handler(request)
             return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
 
@@ -321,7 +373,8 @@ class SpatialNode(LifecycleNode):
                 busy=bool(worker and worker.busy), rejected=worker.rejected if worker else 0,
                 requests_ok=self._stats.ok, requests_failed=self._stats.failed,
                 last_latency_s=self._stats.last_latency_s, max_age_s=float(self._param("window.max_age_s")),
-                cameras=self._window.stats(now.nanoseconds), camera_types=self.cameras.types)))
+                cameras=self._window.stats(now.nanoseconds), camera_types=self.cameras.types,
+                delivery=self.cameras.stats.snapshot(), depth_topics=dict(self.cameras.depth_topics))))
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self.get_logger().warning(f"diagnostics failed: {exc}")
 
