@@ -55,6 +55,7 @@ EXECUTOR_THREADS = 4
 TOPIC_RECHECK_PERIOD_S = 1.0  # how often cameras that sent nothing yet are matched against the graph's types
 STARTING_TRANSITIONS = ("configuring", "activating")  # requests arriving during these wait for them to end
 READY_POLL_S = 0.05  # how often a request waiting for the node to come up looks again
+MAX_BLOCKED_WAITS = EXECUTOR_THREADS - 2  # plan goals that may hold an executor thread while the node starts
 
 
 class SpatialNode(LifecycleNode):
@@ -93,6 +94,8 @@ class SpatialNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._apply_parameters)
         # True until autostart has walked the node to active (or failed): requests arriving meanwhile wait for it.
         self._autostarting = bool(p["autostart"])
+        self._blocked_lock = threading.Lock()
+        self._blocked_waits = 0
         if p["autostart"]:
             self._autostart_timer = self.create_timer(0.0, self._autostart, callback_group=self._timer_group)
 
@@ -302,25 +305,35 @@ class SpatialNode(LifecycleNode):
         timer.start()
         await future
 
-    def _handler(self, request) -> tuple[RequestHandler | None, Reply | None]:
+    def _handler(self, request, wait: bool = True) -> tuple[RequestHandler | None, Reply | None]:
         """The handler while active (read once: a concurrent cleanup cannot pull it away mid-request), else a
         reply saying why not.
 
         A request that finds the node bringing itself up waits for that (bounded by its deadline): coroutine
-        callbacks await ``_await_ready`` first; a plan goal (which calls this directly) waits here on its thread.
+        callbacks await ``_await_ready`` first (``wait=False``); a plan goal (``PlanAction`` calls this directly)
+        waits here, holding its executor thread; at most ``MAX_BLOCKED_WAITS`` at a time, so the autostart timer, a
+        lifecycle transition and the cameras always have a thread.
         """
-        if self.starting:
-            end = self._startup_deadline(request)
-            while self.starting and time.monotonic() < end:
-                time.sleep(READY_POLL_S)
+        if wait and self.starting:
+            with self._blocked_lock:
+                blocked = self._blocked_waits < MAX_BLOCKED_WAITS
+                self._blocked_waits += blocked
+            if blocked:
+                try:
+                    end = self._startup_deadline(request)
+                    while self.starting and time.monotonic() < end:
+                        time.sleep(READY_POLL_S)
+                finally:
+                    with self._blocked_lock:
+                        self._blocked_waits -= 1
         handler, state = self._requests, self.lifecycle_state
         if handler is not None and state == "active" and not self._stopping:
             return handler, None
         if self._stopping:
             error = "node is shutting down (SIGINT/SIGTERM); the request was not run"
         elif self.starting:
-            error = (f"node is still starting (state: {state}; the model is loading) and was not ready within the "
-                     f"request's deadline; try again, or raise request_timeout_s")
+            error = (f"node is still starting (state: {state}; the model is loading) and was not ready in time for "
+                     f"this request; try again shortly, or raise request_timeout_s")
         elif handler is None:
             reason = f" ({self._configure_error})" if self._configure_error else ""
             error = (f"node is not configured: the model is not loaded{reason}; configure and activate it "
@@ -338,7 +351,7 @@ class SpatialNode(LifecycleNode):
     async def _serve(self, request, **callbacks) -> Reply:
         with self._in_flight:
             await self._await_ready(request)
-            handler, refused = self._handler(request)
+            handler, refused = self._handler(request, wait=False)
             return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
 
     async def _on_ask(self, req: AskSpatial.Request, res: AskSpatial.Response) -> AskSpatial.Response:
