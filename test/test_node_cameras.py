@@ -188,3 +188,52 @@ def test_depth_camera_is_skipped_with_one_warning(client, node_proc):
     assert "no colour camera" in only.error and DEPTH in only.error and "16UC1" in only.error
     assert node_proc.log().count(f"camera {DEPTH} publishes depth images") == 1
     assert node_proc.alive
+
+
+# ---------------------------------------------------------------- the accounting and the depth rule, in process
+def test_camera_stats_count_holes_not_late_frames_and_restart_on_a_clock_reset():
+    from phi3v_spatial.ros.cameras import CameraStats
+
+    now = [0.0]
+    stats = CameraStats(clock=lambda: now[0])
+    for i in range(60):  # every third frame never arrives
+        now[0] += 0.1
+        if i % 3 != 2:
+            stats.note("/lossy", 5 * 10**9 + i * PERIOD_NS)
+    for i in range(60):  # frame 30 is late by 0.8 period, the next one on time: nothing lost
+        now[0] += 0.1
+        stats.note("/jittery", 5 * 10**9 + i * PERIOD_NS + (80_000_000 if i == 30 else 0))
+    snap = stats.snapshot()
+    assert snap["/lossy"]["received"] == 40 and snap["/lossy"]["missed"] == 19  # the hole after the last frame is unknown
+    assert snap["/lossy"]["publisher_hz"] == pytest.approx(10.0)
+    assert snap["/lossy"]["delivered"] == pytest.approx(2 / 3, abs=0.02)
+    assert snap["/jittery"]["missed"] == 0 and snap["/jittery"]["delivered"] == 1.0
+    for i in range(10):  # the camera's clock restarts (simulator reset): a new epoch, earlier holes kept
+        now[0] += 0.1
+        stats.note("/lossy", i * PERIOD_NS)
+    snap = stats.snapshot()["/lossy"]
+    assert snap["stamp_resets"] == 1 and snap["missed"] == 19 and snap["received"] == 50
+
+
+def test_only_depth_cameras_give_a_clear_error(ros_context):
+    from rclpy.node import Node
+
+    from phi3v_spatial.engine.window import FrameWindow, WindowError
+    from phi3v_spatial.ros.cameras import Cameras, RequestWindow
+    from phi3v_spatial.ros.messages import image_msg, raw_payload
+
+    node = Node("depth_only", context=ros_context)
+    try:
+        window = FrameWindow()
+        cameras = Cameras(node, window, lambda: ["/depth/image_raw"], None)
+        window.add_topic("/depth/image_raw")  # as subscribing does
+        frame = image_msg(np.zeros((4, 8), np.uint8), "32FC1", 7)
+        frame.width = 2  # 4 bytes a pixel
+        cameras._on_frame("/depth/image_raw", frame, raw_payload)
+        assert window.topics == [] and cameras.depth_topics == {"/depth/image_raw": "32FC1"}
+        with pytest.raises(WindowError, match=r"every camera in image_topics is a depth stream .*32FC1"):
+            RequestWindow(window, cameras).select()
+        cameras._on_frame("/depth/image_raw", image_msg(scene_image(1), "rgb8", 9), raw_payload)  # colour again
+        assert cameras.depth_topics == {} and len(RequestWindow(window, cameras).select().frames) == 1
+    finally:
+        node.destroy_node()
