@@ -96,6 +96,11 @@ class SpatialNode(LifecycleNode):
         self._autostarting = bool(p["autostart"])
         self._blocked_lock = threading.Lock()
         self._blocked_waits = 0
+        self._ready_lock = threading.Lock()
+        self._ready_waiters: list[Future] = []  # requests waiting for the node to come up, resumed every tick
+        self._ready_timer = self.create_timer(READY_POLL_S, self._tick_ready_waiters,
+                                              callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
+        self._ready_timer.cancel()  # runs only while requests wait
         if p["autostart"]:
             self._autostart_timer = self.create_timer(0.0, self._autostart, callback_group=self._timer_group)
 
@@ -290,20 +295,24 @@ class SpatialNode(LifecycleNode):
             return
         end = self._startup_deadline(request)
         while self.starting and time.monotonic() < end:
-            await self._sleep(min(READY_POLL_S, max(0.0, end - time.monotonic())))
+            await self._sleep()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self) -> None:
+        """Resume at the next tick of the ready timer (an rclpy timer, so nothing outside the executor touches it:
+        it runs only while requests wait)."""
         future = Future(executor=self.executor)
-
-        def fire():
-            future.set_result(None)
-            if self.executor is not None:
-                self.executor.wake()
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
+        with self._ready_lock:
+            self._ready_waiters.append(future)
+            if self._ready_timer.is_canceled():
+                self._ready_timer.reset()
         await future
+
+    def _tick_ready_waiters(self) -> None:
+        with self._ready_lock:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            self._ready_timer.cancel()
+        for future in waiters:
+            future.set_result(None)
 
     def _handler(self, request, wait: bool = True) -> tuple[RequestHandler | None, Reply | None]:
         """The handler while active (read once: a concurrent cleanup cannot pull it away mid-request), else a
