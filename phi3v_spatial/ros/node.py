@@ -305,6 +305,8 @@ class SpatialNode(LifecycleNode):
             self._ready_waiters.append(future)
             if self._ready_timer.is_canceled():
                 self._ready_timer.reset()
+                if self.executor is not None:
+                    self.executor.wake()  # an executor already waiting must see the timer again
         await future
 
     def _tick_ready_waiters(self) -> None:
