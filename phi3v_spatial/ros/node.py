@@ -55,7 +55,6 @@ EXECUTOR_THREADS = 4
 TOPIC_RECHECK_PERIOD_S = 1.0  # how often cameras that sent nothing yet are matched against the graph's types
 STARTING_TRANSITIONS = ("configuring", "activating")  # requests arriving during these wait for them to end
 READY_POLL_S = 0.05  # how often a request waiting for the node to come up looks again
-MAX_BLOCKED_WAITS = EXECUTOR_THREADS - 2  # plan goals that may hold an executor thread while the node starts
 
 
 class SpatialNode(LifecycleNode):
@@ -83,7 +82,8 @@ class SpatialNode(LifecycleNode):
         # Lifecycle publishers publish only while the node is active; diagnostics report in every state.
         self._relations_pub = self.create_lifecycle_publisher(RelationsStamped, "~/relations", 10)
         self._plans_pub = self.create_lifecycle_publisher(PlanStamped, "~/plans", 10)
-        self._plan = PlanAction(self, self._handler, requests, self._plans_pub.publish, self._in_flight)
+        self._plan = PlanAction(self, self._handler, self._await_ready, requests, self._plans_pub.publish,
+                                self._in_flight)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # On a steady clock: under use_sim_time a ROS-time timer stops while /clock is paused or held, and the
         # node would fall silent exactly when someone looks at it (the header stamp is still the node's clock).
@@ -94,8 +94,6 @@ class SpatialNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._apply_parameters)
         # True until autostart has walked the node to active (or failed): requests arriving meanwhile wait for it.
         self._autostarting = bool(p["autostart"])
-        self._blocked_lock = threading.Lock()
-        self._blocked_waits = 0
         self._ready_lock = threading.Lock()
         self._ready_waiters: list[Future] = []  # requests waiting for the node to come up, resumed every tick
         self._ready_timer = self.create_timer(READY_POLL_S, self._tick_ready_waiters,
@@ -316,27 +314,10 @@ class SpatialNode(LifecycleNode):
         for future in waiters:
             future.set_result(None)
 
-    def _handler(self, request, wait: bool = True) -> tuple[RequestHandler | None, Reply | None]:
+    def _handler(self, request) -> tuple[RequestHandler | None, Reply | None]:
         """The handler while active (read once: a concurrent cleanup cannot pull it away mid-request), else a
-        reply saying why not.
-
-        A request that finds the node bringing itself up waits for that (bounded by its deadline): coroutine
-        callbacks await ``_await_ready`` first (``wait=False``); a plan goal (``PlanAction`` calls this directly)
-        waits here, holding its executor thread; at most ``MAX_BLOCKED_WAITS`` at a time, so the autostart timer, a
-        lifecycle transition and the cameras always have a thread.
-        """
-        if wait and self.starting:
-            with self._blocked_lock:
-                blocked = self._blocked_waits < MAX_BLOCKED_WAITS
-                self._blocked_waits += blocked
-            if blocked:
-                try:
-                    end = self._startup_deadline(request)
-                    while self.starting and time.monotonic() < end:
-                        time.sleep(READY_POLL_S)
-                finally:
-                    with self._blocked_lock:
-                        self._blocked_waits -= 1
+        reply saying why not. Callers await ``_await_ready`` first, so a request that found the node bringing
+        itself up gets here when that is over (or its deadline passed)."""
         handler, state = self._requests, self.lifecycle_state
         if handler is not None and state == "active" and not self._stopping:
             return handler, None
@@ -362,7 +343,7 @@ class SpatialNode(LifecycleNode):
     async def _serve(self, request, **callbacks) -> Reply:
         with self._in_flight:
             await self._await_ready(request)
-            handler, refused = self._handler(request, wait=False)
+            handler, refused = self._handler(request)
             return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
 
     async def _on_ask(self, req: AskSpatial.Request, res: AskSpatial.Response) -> AskSpatial.Response:

@@ -59,10 +59,13 @@ class _NextSpin:
 
 
 class PlanAction:
-    """``~/plan`` of ``node``; ``handler(request)`` gives (RequestHandler, None) or (None, refusal reply)."""
+    """``~/plan`` of ``node``; ``handler(request)`` gives (RequestHandler, None) or (None, refusal reply), after
+    ``await_ready(request)`` has waited (without a thread) for a node that is bringing itself up."""
 
-    def __init__(self, node, handler: Callable, callback_group, publish: Callable, in_flight: InFlight):
+    def __init__(self, node, handler: Callable, await_ready: Callable, callback_group, publish: Callable,
+                 in_flight: InFlight):
         self._node = node
+        self._await_ready = await_ready
         self._in_flight = in_flight
         self._handler = handler
         self._publish = publish
@@ -89,6 +92,7 @@ class PlanAction:
     async def _execute_goal(self, goal_handle) -> Plan.Result:
         goal = goal_handle.request
         request = plan_request(goal)
+        await self._await_ready(request)
         handler, reply = self._handler(request)
         if handler is not None:
             reply = await self._run(handler, request, goal_handle)
