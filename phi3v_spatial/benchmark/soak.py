@@ -69,6 +69,7 @@ class SoakConfig:
     seed: int = 0
     workdir: str = ""
     node_env: dict = field(default_factory=dict)  # extra environment of a node started here
+    node_params: dict = field(default_factory=dict)  # extra parameters of a node started here
     verbose: bool = False
 
 
@@ -376,6 +377,7 @@ def start_node(cfg: SoakConfig, env: dict) -> tuple[subprocess.Popen, str]:
         if os.path.isdir(paths.default_adapter_dir()):
             params.update(adapters=[f"{paths.EMBEDDED_ADAPTER_NAME}={paths.default_adapter_dir()}"],
                           active_adapter=paths.EMBEDDED_ADAPTER_NAME)
+    params.update(cfg.node_params)
     pfile = os.path.join(cfg.workdir, "spatial_node_params.yaml")
     with open(pfile, "w") as f:
         yaml.safe_dump({"spatial_node": {"ros__parameters": params}}, f)
@@ -678,7 +680,8 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
         load = Load(cfg, cams.names, pid, lambda: cams.counts)
         state = load.wait_active(600.0, proc)
         if state != "active":
-            raise RuntimeError(f"{cfg.node} did not become active (state {state!r})")
+            tail = "".join(open(log, errors="replace").readlines()[-15:]) if log and os.path.isfile(log) else ""
+            raise RuntimeError(f"{cfg.node} did not become active (state {state!r})" + (f"; log tail:\n{tail}" if tail else ""))
         load.read_adapter()
         say(f"{cfg.node} is active; set_adapter alternates {load.adapters}; load starts")
         t0 = time.monotonic()

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length of ~/ask (default 16)")
     p.add_argument("--plan-tokens", type=int, default=48, help="answer length of ~/plan (default 48)")
     p.add_argument("--seed", type=int, default=0, help="scenes and request mix")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the node started here, YAML value (repeatable), e.g. cache.vision_mb=16")
+    p.add_argument("--node-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable of the node started here (repeatable), e.g. MALLOC_ARENA_MAX=8")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     p.add_argument("--workdir", default="", help="where the node's params and log go (default: a temp folder)")
 
@@ -49,13 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from phi3v_spatial.benchmark.soak import SoakConfig, format_markdown, format_table, run_soak
 
+    import yaml
+
     w, h = (int(x) for x in args.size.lower().split("x"))
+    params = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.param)}
+    node_env = dict(item.split("=", 1) for item in args.node_env)
     cfg = SoakConfig(duration_s=args.duration, warmup_s=args.warmup, node=args.node, start_node=not args.attach,
                      model_path=args.model, pid=args.pid, node_log=args.node_log, front=args.front, side=args.side,
                      hz=args.hz, width=w, height=h, clients=args.clients, cycle_s=args.cycle_s,
                      request_timeout_s=args.request_timeout, grace_s=args.grace, max_requests=args.max_requests,
                      max_new_tokens=args.max_new_tokens, plan_tokens=args.plan_tokens, seed=args.seed,
-                     workdir=args.workdir)
+                     workdir=args.workdir, node_params=params, node_env=node_env)
     try:
         result = run_soak(cfg)
     except RuntimeError as exc:
