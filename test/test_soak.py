@@ -62,6 +62,7 @@ def test_short_soak_loses_nothing_and_reports(tiny_model_dir, tmp_path):
     assert "| node died | no |" in text
     # the node's memory and threads were sampled, the cameras counted
     assert "not measured" not in text and "/soak/front/image_raw" in text and "received unknown" not in text
+    assert "| node caches at the end | vision " in text
 
 
 def _result(**stats) -> SoakResult:

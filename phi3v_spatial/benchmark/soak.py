@@ -104,6 +104,7 @@ class SoakResult:
     node_died: bool
     elapsed_s: float
     log_path: str = ""
+    inference: dict = field(default_factory=dict)   # the node's last "inference" /diagnostics values
 
     @property
     def lost(self) -> int:
@@ -222,6 +223,11 @@ def table_rows(r: SoakResult) -> tuple[list, list]:
         summary.append(["node threads (start / after warm-up / end, max)",
                         f"{r.threads[0][1]} / {_at(r.threads, w)} / {r.threads[-1][1]}, max {max(v for _, v in r.threads)}"])
         summary.append(["thread trend after warm-up", "-" if ts is None else f"{ts:+.2f} /min"])
+    caches = [f"{name} {int(r.inference[f'cache.{name}.bytes']) / MIB:.1f} MiB in {r.inference.get(f'cache.{name}.entries', '?')}"
+              f" entries, {r.inference.get(f'cache.{name}.evictions', '?')} evictions"
+              for name in ("vision", "prefix") if r.inference.get(f"cache.{name}.bytes", "").isdigit()]
+    if caches:
+        summary.append(["node caches at the end", "; ".join(caches)])
     for topic, c in r.cameras.items():
         pub, rec = c.get("published", 0), c.get("received")
         if rec is None:
@@ -426,6 +432,7 @@ class Load:
         self.get_state = self.ctl.create_client(GetState, f"{base}/get_state")
         self.get_params = self.ctl.create_client(GetParameters, f"{base}/get_parameters")
         self.diag: dict[str, dict] = {}
+        self.inference: dict[str, str] = {}   # the node's "inference" diagnostics (caches, counters)
         self.ctl.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
         for n in (*self.nodes, self.ctl):
@@ -447,6 +454,8 @@ class Load:
         prefix = self.cfg.node.rstrip("/") + ": camera "
         got = {}
         for st in msg.status:
+            if st.name == self.cfg.node.rstrip("/") + ": inference":
+                self.inference = {kv.key: kv.value for kv in st.values}
             if st.name.startswith(prefix):
                 got[st.name[len(prefix):]] = {kv.key: kv.value for kv in st.values}
         self.diag.update(got)
@@ -716,7 +725,7 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
         time.sleep(1.5)  # one more /diagnostics
         elapsed = time.monotonic() - t0
         return SoakResult(cfg, load.stats, load.rss, load.threads, load.delivery(), log_has_traceback(log), died,
-                          elapsed, log)
+                          elapsed, log, dict(load.inference))
     finally:
         if load is not None:
             load.stop_sending.set()
