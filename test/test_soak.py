@@ -59,7 +59,7 @@ def test_short_soak_loses_nothing_and_reports(tiny_model_dir, tmp_path):
     text = md.read_text()
     assert "| Traceback in node log | no |" in text
     assert "| success replies carrying NaN | 0 |" in text
-    assert "| node died | no |" in text
+    assert "| node died | no |" in text and "| node exit status after SIGINT | 0 |" in text
     # the node's memory and threads were sampled, the cameras counted
     assert "not measured" not in text and "/soak/front/image_raw" in text and "received unknown" not in text
     assert "| node caches at the end | vision " in text

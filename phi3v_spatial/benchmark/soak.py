@@ -66,6 +66,7 @@ class SoakConfig:
     max_new_tokens: int = 16           # per ~/ask
     plan_tokens: int = 48              # per ~/plan goal
     weights: tuple = (0.4, 0.3, 0.1, 0.2)  # ask, query_relations, set_adapter, plan
+    large_every_s: float = 0.0         # a large transient request every N s (1 MB question / 4 images of 1280x960)
     seed: int = 0
     workdir: str = ""
     node_env: dict = field(default_factory=dict)  # extra environment of a node started here
@@ -105,6 +106,7 @@ class SoakResult:
     elapsed_s: float
     log_path: str = ""
     inference: dict = field(default_factory=dict)   # the node's last "inference" /diagnostics values
+    exit_code: int | None = None     # of a node started here, after the soak stopped it with SIGINT (0 expected)
 
     @property
     def lost(self) -> int:
@@ -116,7 +118,8 @@ class SoakResult:
 
     @property
     def passed(self) -> bool:
-        return self.lost == 0 and not self.traceback and self.nan_success == 0 and not self.node_died
+        return (self.lost == 0 and not self.traceback and self.nan_success == 0 and not self.node_died
+                and self.exit_code in (None, 0))
 
     def problems(self) -> list[str]:
         out = []
@@ -128,6 +131,8 @@ class SoakResult:
             out.append(f"{self.nan_success} success reply(ies) carried NaN")
         if self.node_died:
             out.append("the node process died")
+        if self.exit_code not in (None, 0):
+            out.append(f"the node exited with {self.exit_code} when stopped with SIGINT")
         return out
 
 
@@ -200,7 +205,7 @@ def _at(samples: list, t: float) -> float | None:
 def table_rows(r: SoakResult) -> tuple[list, list]:
     """(request rows, summary rows): the request rows have a header row first."""
     rows = [["request", "sent", "ok", "failed", "lost", "p50 ms", "p95 ms", "max ms"]]
-    for kind in (*KINDS, "lifecycle"):
+    for kind in (*KINDS, "large", "lifecycle"):
         s = r.stats.get(kind)
         if s is None:
             continue
@@ -238,6 +243,8 @@ def table_rows(r: SoakResult) -> tuple[list, list]:
     summary.append(["Traceback in node log", "not checked (no log)" if r.traceback is None else ("YES" if r.traceback else "no")])
     summary.append(["success replies carrying NaN", str(r.nan_success)])
     summary.append(["node died", "YES" if r.node_died else "no"])
+    if r.exit_code is not None:
+        summary.append(["node exit status after SIGINT", str(r.exit_code)])
     summary.append(["elapsed", f"{r.elapsed_s:.0f} s (warm-up {w:g} s + {r.config.duration_s:g} s)"])
     summary.append(["verdict", "PASS" if r.passed else "FAIL: " + "; ".join(r.problems())])
     return rows, summary
@@ -439,6 +446,9 @@ class Load:
             self.executor.add_node(n)
         threading.Thread(target=self.executor.spin, daemon=True).start()
         self.stats = {k: Stat() for k in (*KINDS, "lifecycle")}
+        if cfg.large_every_s > 0:
+            self.stats["large"] = Stat()
+            self.large_client = self.ctl.create_client(AskSpatial, f"{base}/ask")
         self.lock = threading.Lock()
         self.rss: list = []
         self.threads: list = []
@@ -641,6 +651,34 @@ class Load:
                     self._record("lifecycle", "failed", dt, f"transition {tid} refused")
                 time.sleep(pause)
 
+    def large_loop(self, end: float) -> None:
+        """Every ``large_every_s``: an ~/ask with a 1 MB question, then one carrying four 1280x960 images, in turn
+        (transient memory the node must give back; a refusal is fine, a lost reply is not)."""
+        import numpy as np
+
+        from phi3v_spatial.ros.messages import image_msg
+
+        if self.cfg.large_every_s <= 0 or not self.large_client.wait_for_service(timeout_sec=30.0):
+            return
+        T = self.types["ask"]
+        rng = np.random.default_rng(self.cfg.seed)
+        images = [image_msg(rng.integers(0, 256, (960, 1280, 3), dtype=np.uint8), "rgb8", k + 1) for k in range(4)]
+        requests = [T.Request(question="Where is the cube? " * 55000, image_topics=[self.cfg.front], max_new_tokens=4),
+                    T.Request(question="Is the red cube left of the blue sphere?", images=images, max_new_tokens=4)]
+        k = 0
+        while not self.stop_sending.wait(self.cfg.large_every_s) and time.monotonic() < end:
+            with self.lock:
+                self.stats["large"].sent += 1
+            t0 = time.monotonic()
+            res = self.call(self.large_client, requests[k % 2], self._deadline())
+            k += 1
+            if res is None:
+                self._record("large", "lost", error=f"no reply in {self._deadline():g} s")
+            elif res.success:
+                self._record("large", "ok", time.monotonic() - t0, nan=has_nan(res.latency_s))
+            else:
+                self._record("large", "failed", time.monotonic() - t0, res.error)
+
     def monitor_loop(self, t0: float, stop: threading.Event) -> None:
         while True:
             if self.pid:
@@ -675,7 +713,7 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
         f"warm-up {cfg.warmup_s:g} s + {cfg.duration_s:g} s; {cfg.clients} clients; cameras {cfg.width}x{cfg.height} "
         f"rgb8 + jpeg at {cfg.hz:g} Hz; lifecycle cycle every {cfg.cycle_s:g} s; workdir {cfg.workdir}")
     proc, log, pid = None, cfg.node_log, cfg.pid
-    cams = load = None
+    cams = load = result = None
     died = False
     t_start = time.monotonic()
     try:
@@ -701,15 +739,16 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
         load.measuring = True
         workers = [threading.Thread(target=load.client_loop, args=(i, end), daemon=True) for i in range(cfg.clients)]
         workers.append(threading.Thread(target=load.lifecycle_loop, args=(end,), daemon=True))
+        workers.append(threading.Thread(target=load.large_loop, args=(end,), daemon=True))
         for w in workers:
             w.start()
         last_report = t0
         while any(w.is_alive() for w in workers):
             time.sleep(0.25)
-            if proc is not None and proc.poll() is not None:
+            if (proc is not None and proc.poll() is not None) or (proc is None and pid and proc_status(pid) is None):
                 died = True
                 load.stop_sending.set()
-                say(f"spatial_node exited with {proc.returncode}")
+                say(f"spatial_node exited" + (f" with {proc.returncode}" if proc is not None else ""))
                 break
             if time.monotonic() - last_report >= 30:
                 last_report = time.monotonic()
@@ -724,8 +763,9 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
         mon.join(5)
         time.sleep(1.5)  # one more /diagnostics
         elapsed = time.monotonic() - t0
-        return SoakResult(cfg, load.stats, load.rss, load.threads, load.delivery(), log_has_traceback(log), died,
-                          elapsed, log, dict(load.inference))
+        result = SoakResult(cfg, load.stats, load.rss, load.threads, load.delivery(), log_has_traceback(log), died,
+                            elapsed, log, dict(load.inference))
+        return result
     finally:
         if load is not None:
             load.stop_sending.set()
@@ -739,6 +779,9 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        if result is not None and proc is not None:
+            result.traceback = log_has_traceback(log)   # the node's stop counts too
+            result.exit_code = proc.returncode
         say(f"soak finished after {time.monotonic() - t_start:.0f} s" + (f"; node log: {log}" if log else ""))
 
 

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests in all")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length of ~/ask (default 16)")
     p.add_argument("--plan-tokens", type=int, default=48, help="answer length of ~/plan (default 48)")
+    p.add_argument("--large-every", type=float, default=0.0, metavar="S",
+                   help="every S seconds a large transient ~/ask (a 1 MB question, or four 1280x960 images), in turn; "
+                        "0 = none (default)")
     p.add_argument("--seed", type=int, default=0, help="scenes and request mix")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the node started here, YAML value (repeatable), e.g. cache.vision_mb=16")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                      hz=args.hz, width=w, height=h, clients=args.clients, cycle_s=args.cycle_s,
                      request_timeout_s=args.request_timeout, grace_s=args.grace, max_requests=args.max_requests,
                      max_new_tokens=args.max_new_tokens, plan_tokens=args.plan_tokens, seed=args.seed,
-                     workdir=args.workdir, node_params=params, node_env=node_env)
+                     workdir=args.workdir, node_params=params, node_env=node_env, large_every_s=args.large_every)
     try:
         result = run_soak(cfg)
     except RuntimeError as exc:
