@@ -455,6 +455,7 @@ class Load:
         self.sent_total = 0
         self.stop_sending = threading.Event()
         self.adapters = ["", "none"]
+        self.node_topics: list | None = None   # the node's image_topics parameter
         self.cam_counts = cam_counts
         self.inactive_pub = [0, 0]     # frames published while the node was deactivated (not subscribed)
         self.measuring = False
@@ -521,10 +522,11 @@ class Load:
     def read_adapter(self) -> None:
         from rcl_interfaces.srv import GetParameters
 
-        res = self.call(self.get_params, GetParameters.Request(names=["active_adapter"]), 10.0) \
+        res = self.call(self.get_params, GetParameters.Request(names=["active_adapter", "image_topics"]), 10.0) \
             if self.get_params.wait_for_service(timeout_sec=5.0) else None
         active = res.values[0].string_value if res and res.values else ""
         self.adapters = [active, "none"] if active else ["", "none"]
+        self.node_topics = list(res.values[1].string_array_value) if res and len(res.values) > 1 else None
 
     # -- requests
     def _deadline(self) -> float:
@@ -731,6 +733,10 @@ def run_soak(cfg: SoakConfig, out=sys.stdout) -> SoakResult:
             raise RuntimeError(f"{cfg.node} did not become active (state {state!r})" + (f"; log tail:\n{tail}" if tail else ""))
         load.read_adapter()
         say(f"{cfg.node} is active; set_adapter alternates {load.adapters}; load starts")
+        missing = [t for t in (cfg.front, cfg.side) if load.node_topics is not None
+                   and not any(t == n.strip().split(":")[0] for n in load.node_topics)]
+        if missing:
+            say(f"WARNING: {cfg.node}'s image_topics {load.node_topics} lack {missing}: requests on them will fail")
         t0 = time.monotonic()
         end = t0 + cfg.warmup_s + cfg.duration_s
         mon_stop = threading.Event()
