@@ -239,6 +239,8 @@ def table_rows(r: SoakResult) -> tuple[list, list]:
             text = f"{pub} published, received unknown (no /diagnostics from the node)"
         else:
             text = f"{rec} received / {pub} published while subscribed" + (f" = {100 * rec / pub:.1f}%" if pub else "")
+            if c.get("node_says"):
+                text += f" (the node's /diagnostics: delivered_pct {c['node_says']})"
         summary.append([f"camera {topic}", text])
     summary.append(["Traceback in node log", "not checked (no log)" if r.traceback is None else ("YES" if r.traceback else "no")])
     summary.append(["success replies carrying NaN", str(r.nan_success)])
@@ -486,7 +488,8 @@ class Load:
                 out[topic] = {"published": self.cam_counts()[k], "received": None}
                 continue
             (r0, p0, i0), (r1, p1, i1) = marks[0], marks[-1]
-            out[topic] = {"published": (p1[k] - p0[k]) - (i1[k] - i0[k]), "received": r1[k] - r0[k]}
+            out[topic] = {"published": (p1[k] - p0[k]) - (i1[k] - i0[k]), "received": r1[k] - r0[k],
+                          "node_says": self.diag.get(topic, {}).get("delivered_pct", "")}
         return out
 
     # -- waiting on rclpy futures without spinning here
