@@ -10,7 +10,7 @@ ROS_DOMAIN_ID := $(shell echo $$(( ($$$$ % 90) + 10 )))
 endif
 export ROS_DOMAIN_ID
 
-.PHONY: setup demo test bench bench-full embedded gpu-check clean
+.PHONY: setup demo test bench bench-full soak embedded gpu-check clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -28,6 +28,12 @@ bench: setup
 # The same with the full-size CLIP ViT-L/14-336 tower (random weights, small LM): slow on a CPU.
 bench-full: setup
 	$(VENV)/bin/phi3v-spatial bench --model full-vision --repeat 1
+
+# The load test: spatial_node on the embedded model, two 15 Hz cameras, three mixed clients, lifecycle cycles;
+# a table at the end (exit 1 on a lost request, a traceback or a NaN success). Shorter: SOAK_ARGS="--duration 120 --warmup 30".
+SOAK_ARGS ?= --duration 1800 --warmup 300
+soak: setup
+	$(VENV)/bin/phi3v-spatial soak $(SOAK_ARGS)
 
 # Rebuilds the embedded demo model in models/ from scratch (37 minutes on this project's 2-core machine).
 embedded: setup

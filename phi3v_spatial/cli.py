@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "build-embedded": ("phi3v_spatial.commands.build_embedded", "rebuild the embedded demo model in models/"),
     "replay": ("phi3v_spatial.commands.replay", "answer questions offline over a rosbag2 bag"),
     "bench": ("phi3v_spatial.commands.bench", "measure the engine's reuse against the naive path"),
+    "soak": ("phi3v_spatial.commands.soak", "load-test a spatial_node: cameras, mixed clients, lifecycle, a table"),
 }
 
 

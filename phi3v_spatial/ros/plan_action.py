@@ -13,6 +13,7 @@ from typing import Callable
 from rclpy.action import ActionServer, CancelResponse
 from rclpy.task import Future
 
+from phi3v_spatial.engine import memory
 from phi3v_spatial.engine.requests import OUTPUT, REFUSED, PendingReply, Reply
 from phi3v_spatial_interfaces.action import Plan
 
@@ -30,6 +31,7 @@ async def await_reply(executor, pending: PendingReply) -> Reply:
         future.set_result(reply)
         if executor is not None:
             executor.wake()
+        memory.after_request()  # on the worker's thread, after the reply is on its way: give big buffers back
 
     pending.add_done_callback(done)
     return await future

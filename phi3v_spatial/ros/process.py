@@ -26,6 +26,8 @@ STOP_TIMEOUT_S = 10.0  # for the replies of requests in flight; ros2 launch esca
 
 
 def run(args=None) -> int:
+    from phi3v_spatial.engine import memory
+
     from . import params_file
     from .node import EXECUTOR_THREADS, SpatialNode
 
@@ -38,6 +40,7 @@ def run(args=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    memory.configure_allocator()  # before the threads (DDS, executor, worker) get their own malloc arenas
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
     try:
