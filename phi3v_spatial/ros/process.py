@@ -42,13 +42,14 @@ def run(args=None) -> int:
         signal.signal(sig, on_signal)
     memory.configure_allocator()  # before the threads (DDS, executor, worker) get their own malloc arenas
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = executor = None
+    node = executor = spinner = None
     try:
         node = SpatialNode()
         params_file.warn_unmatched(node, sys.argv if args is None else args)  # a file keyed for another name
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
-        threading.Thread(target=_spin, args=(executor, stop), name="executor", daemon=True).start()
+        spinner = threading.Thread(target=_spin, args=(executor, stop), name="executor", daemon=True)
+        spinner.start()
         stop.wait()
     finally:
         drained = True
@@ -57,6 +58,10 @@ def run(args=None) -> int:
             node.shut_down(executor, why, STOP_TIMEOUT_S)
         if executor is not None:
             drained = executor.shutdown(timeout_sec=STOP_TIMEOUT_S)
+        if spinner is not None:
+            # the spin thread must be out of rcl before the node and the context go (a thread still inside rcl_wait
+            # at exit aborted the process with "terminate called without an active exception")
+            spinner.join(STOP_TIMEOUT_S)
         if node is not None and drained:
             node.destroy_node()  # never under a callback that is still running (that can crash rcl)
         rclpy.try_shutdown()
