@@ -327,6 +327,7 @@ class InferenceWorker:
                     continue  # _expire_due handles it on the next turn
                 self._start(job)
             self._run(job)
+            job = None  # the finished job (its inputs, an exception's traceback) must not live on until the next one
 
     def _run_waiting(self) -> int:
         """The running job yields: run the jobs queued at this moment (not later arrivals), then give it back the thread."""
