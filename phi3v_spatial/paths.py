@@ -1,4 +1,5 @@
-"""Where the embedded default model lives, for a source checkout and for an installed package."""
+"""Where the embedded default model and the shipped config files live, for a source checkout and for an installed
+package."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,20 @@ def default_model_dir() -> str:
 def default_adapter_dir() -> str:
     """The embedded spatial LoRA adapter trained on synthetic spatial questions."""
     return os.path.join(models_dir(), EMBEDDED_MODEL_NAME + "-lora-" + EMBEDDED_ADAPTER_NAME)
+
+
+def config_file(name: str) -> str:
+    """A file of the package's ``config/`` folder (source checkout first, then the installed share folders)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = [os.path.join(os.path.dirname(here), "config"), os.path.join(sys.prefix, "share", "phi3v_spatial", "config")]
+    roots += [os.path.join(prefix, "share", "phi3v_spatial", "config")
+              for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if prefix]
+    for root in roots:
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise FileNotFoundError(f"{name} is in none of the package's config folders: {', '.join(roots)}")
+
+
+def large_frames_profile() -> str:
+    """The Fast DDS profile for processes that publish raw frames over 512 KiB (``config/fastdds_large_frames.xml``)."""
+    return config_file("fastdds_large_frames.xml")

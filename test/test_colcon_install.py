@@ -215,6 +215,7 @@ def test_colcon_builds_both_packages_from_the_readme(workspace):
     for path in ("phi3v_spatial/lib/phi3v_spatial/spatial_node", "phi3v_spatial/lib/phi3v_spatial/phi3v-spatial",
                  "phi3v_spatial/share/phi3v_spatial/launch/spatial_node.launch.py",
                  "phi3v_spatial/share/phi3v_spatial/config/spatial_node.yaml",
+                 "phi3v_spatial/share/phi3v_spatial/config/fastdds_large_frames.xml",
                  "phi3v_spatial/share/phi3v_spatial/models/phi3v-spatial-tiny/config.json",
                  "phi3v_spatial_interfaces/share/phi3v_spatial_interfaces/srv/AskSpatial.srv"):
         assert os.path.isfile(os.path.join(ws, "install", path)), path

@@ -63,6 +63,7 @@ def test_short_soak_loses_nothing_and_reports(tiny_model_dir, tmp_path):
     # the node's memory and threads were sampled, the cameras counted
     assert "not measured" not in text and "/soak/front/image_raw" in text and "received unknown" not in text
     assert "| node caches at the end | vision " in text
+    assert "fastdds_large_frames.xml |" in text  # the camera process ran with the shipped large-frame profile
 
 
 def _result(**stats) -> SoakResult:

@@ -70,6 +70,7 @@ class SoakConfig:
     seed: int = 0
     workdir: str = ""
     node_env: dict = field(default_factory=dict)  # extra environment of a node started here
+    camera_profile: str = ""           # FASTDDS_DEFAULT_PROFILES_FILE of the camera process; "" = Fast DDS defaults
     node_params: dict = field(default_factory=dict)  # extra parameters of a node started here
     verbose: bool = False
 
@@ -233,6 +234,7 @@ def table_rows(r: SoakResult) -> tuple[list, list]:
               for name in ("vision", "prefix") if r.inference.get(f"cache.{name}.bytes", "").isdigit()]
     if caches:
         summary.append(["node caches at the end", "; ".join(caches)])
+    summary.append(["camera process's Fast DDS profile", r.config.camera_profile or "Fast DDS defaults"])
     for topic, c in r.cameras.items():
         pub, rec = c.get("published", 0), c.get("received")
         if rec is None:
@@ -346,6 +348,8 @@ class CameraProcess:
     def __init__(self, cfg: SoakConfig, env: dict):
         cmd = [sys.executable, "-m", "phi3v_spatial.benchmark.soak", "--front", cfg.front, "--side", cfg.side,
                "--hz", str(cfg.hz), "--width", str(cfg.width), "--height", str(cfg.height), "--seed", str(cfg.seed)]
+        if cfg.camera_profile:  # the publisher's shared-memory segment decides whether raw frames arrive
+            env = dict(env, FASTDDS_DEFAULT_PROFILES_FILE=cfg.camera_profile)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
         self.names: list[list[str]] = []
         self.counts = (0, 0)

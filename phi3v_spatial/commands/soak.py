@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large-every", type=float, default=0.0, metavar="S",
                    help="every S seconds a large transient ~/ask (a 1 MB question, or four 1280x960 images), in turn; "
                         "0 = none (default)")
+    p.add_argument("--camera-profile", default=None, metavar="FILE",
+                   help="Fast DDS profile of the camera process (default: the package's config/fastdds_large_frames.xml, "
+                        "an 8 MiB shared-memory segment, as a robot's camera driver should have for raw frames over "
+                        "512 KiB; '' = Fast DDS defaults)")
     p.add_argument("--seed", type=int, default=0, help="scenes and request mix")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the node started here, YAML value (repeatable), e.g. cache.vision_mb=16")
@@ -55,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phi3v_spatial.benchmark.soak import SoakConfig, format_markdown, format_table, run_soak
+    from phi3v_spatial.paths import large_frames_profile
 
     import yaml
 
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                      hz=args.hz, width=w, height=h, clients=args.clients, cycle_s=args.cycle_s,
                      request_timeout_s=args.request_timeout, grace_s=args.grace, max_requests=args.max_requests,
                      max_new_tokens=args.max_new_tokens, plan_tokens=args.plan_tokens, seed=args.seed,
-                     workdir=args.workdir, node_params=params, node_env=node_env, large_every_s=args.large_every)
+                     workdir=args.workdir, node_params=params, node_env=node_env, large_every_s=args.large_every,
+                     camera_profile=large_frames_profile() if args.camera_profile is None else args.camera_profile)
     try:
         result = run_soak(cfg)
     except RuntimeError as exc:
