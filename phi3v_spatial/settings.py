@@ -76,6 +76,8 @@ PARAMETERS: tuple[Param, ...] = (
           read_only=True, offline=True),
     Param("image_topics", ["/camera/image_raw"], list, "camera topics (`topic:compressed` / `topic:raw` force the "
           "type, names ending in /compressed are compressed, else the graph decides); re-subscribes when set"),
+    Param("camera_qos_depth", 30, int, "frames each camera subscription (sensor-data QoS, best effort) holds while "
+          "the node is busy; too few lose frames under load", (1, 1000), read_only=True),
     Param("window.num_frames", 1, int, "frames per camera when a request says 0", (1, 16), offline=True),
     Param("window.min_interval_s", 0.5, float, "keyframe spacing in stamp time", (0, 60), offline=True),
     Param("window.max_age_s", 2.0, float, "stale-camera limit on the node clock, 0 = none", (0, 86400), offline=True),

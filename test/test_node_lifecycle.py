@@ -148,9 +148,8 @@ def test_shipped_params_file_lists_every_parameter(repo_root, ros_context):
         names = [p.name for p in PARAMETERS]
         for name in names:
             assert f"{name}:" in text, f"{name} is not documented in {path}"
-        settable = {k: v for k, v in values.items() if k in names and k not in (
-            "model_path", "device", "dtype", "attn_implementation", "num_crops", "quantization", "relation_batch_size",
-            "autostart")}
+        read_only = {p.name for p in PARAMETERS if p.read_only}
+        settable = {k: v for k, v in values.items() if k in names and k not in read_only}
         results = node.set_parameters([Parameter(k, value=v) for k, v in settable.items()])
         assert all(r.successful for r in results), [(k, r.reason) for k, r in zip(settable, results)]
     finally:

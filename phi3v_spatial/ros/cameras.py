@@ -15,6 +15,7 @@ logs one warning, the camera leaves the window, and requests use the other camer
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -164,8 +165,12 @@ class CameraStats:
 class Cameras(ManagedEntity):
     """Subscriptions of ``node`` to the topics ``specs()`` lists, feeding ``window``."""
 
-    def __init__(self, node, window, specs: Callable[[], list[str]], callback_group):
+    def __init__(self, node, window, specs: Callable[[], list[str]], callback_group, qos_depth: int = 30):
         self._node = node
+        # sensor-data QoS (best effort: reliable would make a camera's publish() fail at full rate), with a deeper
+        # queue than its 5: frames wait there while the executor serves requests instead of being overwritten
+        self._qos = copy.copy(qos_profile_sensor_data)
+        self._qos.depth = int(qos_depth)
         self._window = window
         self._specs = specs
         self._group = callback_group
@@ -245,7 +250,7 @@ class Cameras(ManagedEntity):
                 try:
                     sub = self._node.create_subscription(
                         msg_type, name, lambda m, t=name, take=take: self._on_frame(t, m, take),
-                        qos_profile_sensor_data, callback_group=self._group)
+                        self._qos, callback_group=self._group)
                 except Exception as exc:  # noqa: BLE001 - a bad name must not take the others down
                     self._node.get_logger().error(f"cannot subscribe to camera topic {name!r}: {exc}")
                     continue

@@ -73,7 +73,8 @@ class SpatialNode(LifecycleNode):
         self._stopping = False
         self._timer_group = MutuallyExclusiveCallbackGroup()
         requests = ReentrantCallbackGroup()
-        self.cameras = Cameras(self, self._window, lambda: self._param("image_topics"), MutuallyExclusiveCallbackGroup())
+        self.cameras = Cameras(self, self._window, lambda: self._param("image_topics"), MutuallyExclusiveCallbackGroup(),
+                               qos_depth=p["camera_qos_depth"])
         self.add_managed_entity(self.cameras)
         # Services and the action exist in every state, so a caller always gets an answer saying why not.
         self.create_service(AskSpatial, "~/ask", self._on_ask, callback_group=requests)
