@@ -254,3 +254,59 @@ def test_only_depth_cameras_give_a_clear_error(ros_context):
         assert cameras.depth_topics == {} and len(RequestWindow(window, cameras).select().frames) == 1
     finally:
         node.destroy_node()
+
+
+def test_resubscribing_cameras_while_the_executor_spins_never_kills_it(ros_context):
+    """A deactivate or an image_topics change destroys camera subscriptions while the executor builds its wait set
+    on another thread. With rclpy's default QoS event handlers on them, that raised InvalidHandle in the executor
+    and its spin thread died (one soak lost its node after ~12 lifecycle cycles; this loop, within ~20 cycles)."""
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from phi3v_spatial.engine.window import FrameWindow
+    from phi3v_spatial.ros.cameras import Cameras
+    from phi3v_spatial.ros.messages import image_msg
+
+    node, pub_node = Node("cams_race", context=ros_context), Node("pub_race", context=ros_context)
+    topics = [f"/race{i}/image_raw:raw" for i in range(4)]
+    cameras = Cameras(node, FrameWindow(), lambda: topics, None)
+    pubs = [pub_node.create_publisher(Image, t.split(":")[0], qos_profile_sensor_data) for t in topics]
+    executor = MultiThreadedExecutor(num_threads=4, context=ros_context)
+    executor.add_node(node)
+    executor.add_node(pub_node)
+    errors, stop = [], threading.Event()
+
+    def spin():
+        try:
+            executor.spin()
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(repr(exc))
+
+    def publish():
+        msg, k = image_msg(np.zeros((8, 8, 3), np.uint8), "rgb8", 1), 0
+        while not stop.is_set():
+            k += 1
+            msg.header.stamp.sec = k
+            for pub in pubs:
+                pub.publish(msg)
+            time.sleep(0.001)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    threading.Thread(target=publish, daemon=True).start()
+    try:
+        for _ in range(1000):
+            cameras.sync()
+            time.sleep(0.002)
+            cameras.unsubscribe_all()
+            if errors:
+                break
+        assert not errors and spinner.is_alive(), errors
+        assert cameras.stats.snapshot(), "no frame ever arrived: the loop did not exercise the subscriptions"
+    finally:
+        stop.set()
+        executor.shutdown()
+        node.destroy_node()
+        pub_node.destroy_node()

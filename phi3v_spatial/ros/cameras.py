@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import ManagedEntity, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
@@ -250,7 +251,12 @@ class Cameras(ManagedEntity):
                 try:
                     sub = self._node.create_subscription(
                         msg_type, name, lambda m, t=name, take=take: self._on_frame(t, m, take),
-                        self._qos, callback_group=self._group)
+                        self._qos, callback_group=self._group,
+                        # no QoS event handlers: rclpy 9.1.2's executor raises InvalidHandle (and its spin thread
+                        # dies) when a subscription's event handler is destroyed while it builds its wait set, which
+                        # a deactivate or an image_topics change does; best-effort sensor QoS is compatible with
+                        # every publisher, so the default "incompatible QoS" warning has nothing to report here
+                        event_callbacks=SubscriptionEventCallbacks(use_default_callbacks=False))
                 except Exception as exc:  # noqa: BLE001 - a bad name must not take the others down
                     self._node.get_logger().error(f"cannot subscribe to camera topic {name!r}: {exc}")
                     continue
