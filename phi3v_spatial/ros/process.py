@@ -22,6 +22,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
+SPIN_ERRORS_TOLERATED = 20  # unexpected executor errors logged and survived before the node stops
 STOP_TIMEOUT_S = 10.0  # for the replies of requests in flight; ros2 launch escalates to SIGTERM after 5 s, kill after 10
 
 
@@ -48,7 +49,7 @@ def run(args=None) -> int:
         params_file.warn_unmatched(node, sys.argv if args is None else args)  # a file keyed for another name
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
-        spinner = threading.Thread(target=_spin, args=(executor, stop), name="executor", daemon=True)
+        spinner = threading.Thread(target=_spin, args=(executor, stop, node.get_logger()), name="executor", daemon=True)
         spinner.start()
         stop.wait()
     finally:
@@ -68,10 +69,23 @@ def run(args=None) -> int:
     return 0
 
 
-def _spin(executor, stop: threading.Event) -> None:
+def _spin(executor, stop: threading.Event, log) -> None:
+    """Spin until the stop; an unexpected error inside rclpy's executor is logged and spinning goes on (a robot's
+    node must not go down for one bad wait set), up to SPIN_ERRORS_TOLERATED of them, then the node stops."""
+    errors = 0
     try:
-        executor.spin()
-    except ExternalShutdownException:
-        pass
+        while not stop.is_set():
+            try:
+                executor.spin()
+                return
+            except ExternalShutdownException:
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; the executor builds a fresh wait set on the next turn
+                errors += 1
+                if errors > SPIN_ERRORS_TOLERATED:
+                    log.error(f"executor failed {errors} times, stopping the node; last: {type(exc).__name__}: {exc}")
+                    return
+                log.error(f"executor error ({errors} of {SPIN_ERRORS_TOLERATED} tolerated), spinning on: "
+                          f"{type(exc).__name__}: {exc}")
     finally:
-        stop.set()  # the context was shut down from elsewhere: stop too
+        stop.set()  # the context was shut down from elsewhere (or the executor kept failing): stop too
