@@ -258,6 +258,25 @@ def test_a_deadline_in_an_empty_queue_does_not_blame_earlier_requests(handler):
     _refused(behind, "the model was busy with 1 earlier request(s) ahead of it", kind=R.QUEUE)
 
 
+def test_time_spent_waiting_for_the_node_to_start_counts_against_the_deadline(handler):
+    """One deadline in all: a request that waited for the node to come up (``waited_s``) gets only what is left
+    of its deadline in the queue, and none at all when the wait used it up."""
+    late = handler.submit(R.PlanRequest(instruction="stack them", topics=["/cam1"], timeout_s=5.0), waited_s=6.0)
+    assert late.job is None and late.done()
+    _refused(late.result(1), "its deadline (5 s) passed while it waited 6.0 s for the node to start", kind=R.QUEUE)
+    gate, busy = threading.Event(), threading.Event()
+    first = handler.worker.submit(lambda job: (busy.set(), gate.wait(30)))
+    assert busy.wait(10)
+    try:
+        left = handler.submit(R.PlanRequest(instruction="stack them", topics=["/cam1"], timeout_s=30.0), waited_s=20.0)
+        remaining = left.job.deadline - time.monotonic()
+    finally:
+        gate.set()
+    first.result(10)
+    left.result(60)
+    assert 8.0 < remaining <= 10.0, remaining
+
+
 def test_set_adapter_reply_shows_its_own_switch(handler, engine):
     """The reply to a switch is the adapter that switch made active, even when another switch runs before the
     reply is put together (the old reply read the engine afterwards and showed the other client's change)."""

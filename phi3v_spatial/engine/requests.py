@@ -22,7 +22,7 @@ from .engine import EngineError, check_adapter, check_adapter_scale, check_candi
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from .parsing import Relation
 from .window import WindowError, decode_payload
-from .worker import JobCancelled, JobError
+from .worker import JobCancelled, JobError, JobTimeout
 
 # What went wrong (``Reply.error_kind``), for callers that add their own context to ``error``.
 REQUEST = "request"    # the request itself: empty question, malformed candidate, unknown adapter
@@ -92,8 +92,8 @@ class Reply:
     frames: list[FrameRef] = field(default_factory=list)  # in the order given to the model
     topics: list[str] = field(default_factory=list)       # the cameras they came from
     latency_s: float = 0.0
-    # What the caller should know about a success, e.g. fewer frames than asked (the node logs it; the ROS
-    # replies have no field for it, their frame_stamps show the frames used).
+    # What the caller should know about a success, e.g. fewer frames than asked (the ROS replies carry it as
+    # `note`, the node logs it, replay writes it).
     note: str = ""
 
 
@@ -249,11 +249,12 @@ class RequestHandler:
 
     def submit(self, request, *, now_ns: int | None = None, on_text: Callable[[str, int], None] | None = None,
                on_position: Callable[[int], None] | None = None,
-               on_start: Callable[[], None] | None = None) -> PendingReply:
+               on_start: Callable[[], None] | None = None, waited_s: float = 0.0) -> PendingReply:
         """Validate, select and decode frames here (a bad request never takes a queue slot), then queue the work.
 
         ``on_text(text, tokens)`` streams generated text, ``on_position(n)`` reports the place in the queue,
-        ``on_start()`` is called when the model starts on it; all of them on the worker's threads.
+        ``on_start()`` is called when the model starts on it; all of them on the worker's threads. ``waited_s``:
+        how long the request already waited before it got here (the node starting up), taken off its deadline.
         """
         t0 = time.monotonic()
         pending = PendingReply()
@@ -264,8 +265,16 @@ class RequestHandler:
             reply = REPLY_TYPES[type(request)]()
             self._failed(reply, what, exc, REQUEST if isinstance(exc, EngineError) else None)
             return pending._set(self._done(reply, t0))
+        timeout_s = work.timeout_s  # <= 0: no deadline (replay)
+        if timeout_s > 0 and waited_s > 0:
+            timeout_s -= waited_s
+        if work.timeout_s > 0 and timeout_s <= 0:
+            self._failed(work.reply, what, JobTimeout(
+                f"{what} timed out: its deadline ({work.timeout_s:g} s) passed while it waited {waited_s:.1f} s for the "
+                f"node to start; raise request_timeout_s (or the goal's timeout_s) above the model's load time"))
+            return pending._set(self._done(work.reply, t0))
         try:
-            pending.job = self.worker.submit(work.run, timeout_s=work.timeout_s, name=what, on_position=on_position)
+            pending.job = self.worker.submit(work.run, timeout_s=timeout_s, name=what, on_position=on_position)
         except JobError as exc:
             self._failed(work.reply, what, exc)
             return pending._set(self._done(work.reply, t0))

@@ -287,14 +287,17 @@ class SpatialNode(LifecycleNode):
         timeout = float(getattr(request, "timeout_s", 0.0) or 0.0) or float(self._param("request_timeout_s"))
         return time.monotonic() + timeout
 
-    async def _await_ready(self, request) -> None:
+    async def _await_ready(self, request) -> float:
         """While the node configures / activates itself, wait (without holding a thread) until it is done or the
-        request's deadline passes; ``_handler`` then says what the node's state is."""
+        request's deadline passes; ``_handler`` then says what the node's state is. Returns the seconds waited,
+        which the request layer takes off the request's deadline (``waited_s``): one deadline in all."""
         if not self.starting:
-            return
+            return 0.0
+        t0 = time.monotonic()
         end = self._startup_deadline(request)
         while self.starting and time.monotonic() < end:
             await self._sleep()
+        return time.monotonic() - t0
 
     async def _sleep(self) -> None:
         """Resume at the next tick of the ready timer (an rclpy timer, so nothing outside the executor touches it:
@@ -343,9 +346,11 @@ class SpatialNode(LifecycleNode):
 
     async def _serve(self, request, **callbacks) -> Reply:
         with self._in_flight:
-            await self._await_ready(request)
+            waited_s = await self._await_ready(request)
             handler, refused = self._handler(request)
-            return refused if handler is None else await await_reply(self.executor, handler.submit(request, **callbacks))
+            if handler is None:
+                return refused
+            return await await_reply(self.executor, handler.submit(request, waited_s=waited_s, **callbacks))
 
     async def _on_ask(self, req: AskSpatial.Request, res: AskSpatial.Response) -> AskSpatial.Response:
         reply = await self._serve(ask_request(req))

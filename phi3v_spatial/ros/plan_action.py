@@ -31,7 +31,7 @@ async def await_reply(executor, pending: PendingReply) -> Reply:
         future.set_result(reply)
         if executor is not None:
             executor.wake()
-        memory.after_request()  # on the worker's thread, after the reply is on its way: give big buffers back
+        memory.after_request()  # on the thread that finished the reply (the worker's for a request that ran)
 
     pending.add_done_callback(done)
     return await future
@@ -94,10 +94,10 @@ class PlanAction:
     async def _execute_goal(self, goal_handle) -> Plan.Result:
         goal = goal_handle.request
         request = plan_request(goal)
-        await self._await_ready(request)
+        waited_s = await self._await_ready(request)
         handler, reply = self._handler(request)
         if handler is not None:
-            reply = await self._run(handler, request, goal_handle)
+            reply = await self._run(handler, request, goal_handle, waited_s)
         if reply.cancelled and goal_handle.is_cancel_requested:
             goal_handle.canceled()
             self._node.get_logger().info(f"plan goal cancelled after {reply.tokens_generated} token(s)")
@@ -108,7 +108,7 @@ class PlanAction:
         self._publish(plan_stamped(goal.instruction, reply))
         return plan_result(reply)
 
-    async def _run(self, handler, request, goal_handle) -> Reply:
+    async def _run(self, handler, request, goal_handle, waited_s: float = 0.0) -> Reply:
         last = [0.0]
 
         def feedback(stage, text="", tokens=0, position=0):
@@ -122,7 +122,7 @@ class PlanAction:
 
         key = bytes(goal_handle.goal_id.uuid)
         pending = handler.submit(request, on_text=on_text, on_start=lambda: feedback("encoding"),
-                                 on_position=lambda n: feedback("queued", position=n))
+                                 on_position=lambda n: feedback("queued", position=n), waited_s=waited_s)
         with self._lock:
             self._pending[key] = pending
             cancelled_early = key in self._early_cancels
