@@ -219,6 +219,32 @@ def test_yields_do_not_nest_and_later_arrivals_wait_for_the_next_yield(worker):
     assert log == [("first", 0), ("long resumed after", 1), "second", ("long resumed after", 1)]
 
 
+def test_a_job_cancelled_during_a_yield_does_not_let_a_later_arrival_in(worker):
+    """The yield runs the jobs that waited when it began: one of them cancelled meanwhile leaves its turn empty
+    rather than giving it to a job that arrived during the yield."""
+    go, started, log, later = threading.Event(), threading.Event(), [], []
+
+    def long(job):
+        started.set()
+        assert go.wait(5)
+        log.append(("long resumed after", yield_to_waiting()))
+        return "long"
+
+    def first(job):
+        second.cancel()
+        later.append(worker.submit(lambda j: log.append("later")))
+        log.append("first")
+
+    running = worker.submit(long)
+    assert started.wait(5)
+    worker.submit(first)
+    second = worker.submit(lambda j: log.append("second"))
+    go.set()
+    assert running.result(10) == "long"
+    later[0].result(10)
+    assert log == ["first", ("long resumed after", 1), "later"], log
+
+
 def test_stop_during_a_yield_cancels_the_paused_job_too():
     w = InferenceWorker(max_pending=2)
     gate, started, log = threading.Event(), threading.Event(), []

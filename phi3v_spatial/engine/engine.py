@@ -681,6 +681,7 @@ class SpatialEngine:
                 mask = torch.ones((1, p.length), dtype=torch.long, device=self.device)
                 out = self._forward_embeds(p.input_ids, p.features, attention_mask=mask, logits_to_keep=1)
                 probs.append(self._yes_probability(out.logits[0, -1]))
+                del out
                 if (i + 1) % step == 0 and i + 1 < len(prompts_) and self._pause_for_waiting(tag):
                     return None
             return probs
@@ -704,4 +705,5 @@ class SpatialEngine:
                             use_cache=True)
             for r, x in enumerate(suffixes):
                 probs.append(self._yes_probability(out.logits[r, x.shape[0] - 1]))
+            del out  # the batch's copies of the prefix KV and its logits: not held while others run in the pause
         return probs

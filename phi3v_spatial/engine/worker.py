@@ -334,21 +334,21 @@ class InferenceWorker:
         with self._lock:
             if not self.cooperative or self._suspended is not None or self._stopping or not self._queue:
                 return 0
-            outer, count = self._running, len(self._queue)
+            outer, waiting = self._running, list(self._queue)  # these jobs, not later arrivals
             self._suspended = outer
         ran = 0
         try:
-            for _ in range(count):
+            for job in waiting:
                 self._expire_due()
                 with self._lock:
-                    if self._stopping or not self._queue:
+                    if self._stopping:
                         break
-                    job = self._queue.popleft()
-                    if time.monotonic() >= job.deadline:
-                        self._queue.appendleft(job)
-                        continue
+                    if job not in self._queue or time.monotonic() >= job.deadline:
+                        continue  # cancelled or expired meanwhile (_expire_due finishes an expired one)
+                    self._queue.remove(job)
                     self._start(job)
                 self._run(job)
+                job = None
                 ran += 1
         finally:
             with self._lock:

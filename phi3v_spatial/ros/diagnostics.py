@@ -85,7 +85,7 @@ def _camera(s: Snapshot, topic: str) -> tuple[bytes, str, dict]:
     kv = {"frames": str(st.get("frames", 0)), "received": str(d.get("received", st.get("received", 0))),
           "received_hz": f"{rx_hz:.2f}", "publisher_hz": "" if pub_hz is None else f"{pub_hz:.2f}",
           "missed": str(d.get("missed", 0)), "delivered_pct": "" if delivered is None else f"{100 * delivered:.1f}",
-          "dropped": str(st.get("dropped", 0)), "frame_bytes": str(d.get("frame_bytes", 0)),
+          "dropped": str(st.get("dropped", 0)), "resets": str(st.get("resets", 0)), "frame_bytes": str(d.get("frame_bytes", 0)),
           "age_s": "" if age is None else f"{age:.3f}", "latest_stamp_ns": "" if latest is None else str(latest),
           "type": s.camera_types.get(topic, "")}
     if topic in s.depth_topics:
