@@ -9,19 +9,20 @@ EMBEDDED_MODEL_NAME = "phi3v-spatial-tiny"
 EMBEDDED_ADAPTER_NAME = "spatial"
 
 
-def _candidate_roots() -> list[str]:
+def _candidate_roots(folder: str) -> list[str]:
+    """Where the package's ``folder`` (models, config) may be: the source checkout first, then the share folders."""
     here = os.path.dirname(os.path.abspath(__file__))
-    roots = [os.path.join(os.path.dirname(here), "models")]            # source checkout / editable install
-    roots.append(os.path.join(sys.prefix, "share", "phi3v_spatial", "models"))  # pip / colcon install
+    roots = [os.path.join(os.path.dirname(here), folder)]            # source checkout / editable install
+    roots.append(os.path.join(sys.prefix, "share", "phi3v_spatial", folder))  # pip / colcon install
     for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
         if prefix:
-            roots.append(os.path.join(prefix, "share", "phi3v_spatial", "models"))
+            roots.append(os.path.join(prefix, "share", "phi3v_spatial", folder))
     return roots
 
 
 def models_dir() -> str:
     """The first ``models/`` folder that holds the embedded model (or the source one if none does)."""
-    roots = _candidate_roots()
+    roots = _candidate_roots("models")
     for root in roots:
         if os.path.isfile(os.path.join(root, EMBEDDED_MODEL_NAME, "config.json")):
             return root
@@ -40,10 +41,7 @@ def default_adapter_dir() -> str:
 
 def config_file(name: str) -> str:
     """A file of the package's ``config/`` folder (source checkout first, then the installed share folders)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    roots = [os.path.join(os.path.dirname(here), "config"), os.path.join(sys.prefix, "share", "phi3v_spatial", "config")]
-    roots += [os.path.join(prefix, "share", "phi3v_spatial", "config")
-              for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if prefix]
+    roots = _candidate_roots("config")
     for root in roots:
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
