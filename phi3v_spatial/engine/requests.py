@@ -133,6 +133,13 @@ NAMES = {AskRequest: "ask", RelationsRequest: "query_relations", PlanRequest: "p
 NAMES.update({REPLY_TYPES[k]: v for k, v in NAMES.items()})
 
 
+def deadline_s(request, request_timeout_s: float) -> float:
+    """A request's deadline in seconds, queue time included: a plan goal's own ``timeout_s`` when it sets one,
+    else ``request_timeout_s``."""
+    own = float(getattr(request, "timeout_s", 0.0) or 0.0)
+    return own if own > 0 else float(request_timeout_s)
+
+
 def refuse(request, error: str, kind: str = REQUEST) -> Reply:
     """The reply to a request its caller refuses before it reaches a handler (e.g. the node is not active)."""
     return REPLY_TYPES[type(request)](error=error, error_kind=kind)
@@ -353,7 +360,7 @@ class RequestHandler:
             return engine.plan(request.instruction, images, max_new_tokens=max_new, on_text=on_text,
                                should_stop=job.should_stop, frame_keys=keys)
 
-        timeout = float(request.timeout_s) if request.timeout_s > 0 else s.request_timeout_s
+        timeout = deadline_s(request, s.request_timeout_s)
         return _Work(run, reply, lambda result, cancelled: _fill_plan(reply, result, cancelled), timeout)
 
     def _frames(self, request: FramesRequest, now_ns: int | None):

@@ -32,7 +32,7 @@ from rclpy.task import Future
 from phi3v_spatial import paths
 from phi3v_spatial.engine.engine import EngineError, check_adapter
 from phi3v_spatial.engine.requests import (
-    NAMES, AdapterReply, AdapterRequest, Reply, RequestHandler, RequestStats, refuse,
+    NAMES, AdapterReply, AdapterRequest, Reply, RequestHandler, RequestStats, deadline_s, refuse,
 )
 from phi3v_spatial.engine.window import FrameWindow
 from phi3v_spatial.engine.worker import InferenceWorker
@@ -284,8 +284,7 @@ class SpatialNode(LifecycleNode):
     # ------------------------------------------------------------------ requests
     def _startup_deadline(self, request) -> float:
         """Monotonic time until which a request may wait for the node to come up: its own deadline."""
-        timeout = float(getattr(request, "timeout_s", 0.0) or 0.0) or float(self._param("request_timeout_s"))
-        return time.monotonic() + timeout
+        return time.monotonic() + deadline_s(request, self._param("request_timeout_s"))
 
     async def _await_ready(self, request) -> float:
         """While the node configures / activates itself, wait (without holding a thread) until it is done or the
