@@ -116,3 +116,44 @@ def test_align_ends_with_image_tokens_at_the_word_embeddings_scale(tmp_path):
     assert image_token_rms(model, processor, paths) == pytest.approx(target, rel=0.3)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, raw.state_dict()[k])]
     assert changed and all(k.startswith("model.vision_embed_tokens.img_projection.2.") for k in changed)
+
+
+def test_shape_objective_reads_each_colours_shape_from_the_scene_ground_truth(tmp_path):
+    """shape_weight > 0: object tokens are also scored against the shape words, with each scene's colour -> shape
+    from ``scenes.jsonl`` as the target (colours are distinct within a scene); the term is part of the loss, its
+    accuracy is reported, and images without ground truth (a PNG outside a dataset) add nothing to it."""
+    import json
+    import shutil
+
+    from phi3v_spatial.data.synth import generate_dataset
+    from phi3v_spatial.model import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_spatial.train.align import colour_shapes
+
+    d, stray = _checkpoint_and_scenes(tmp_path, 1)
+    generate_dataset(str(tmp_path / "ds"), 3, seed=5, kinds=["count"])
+    with open(tmp_path / "ds" / "scenes.jsonl") as f:
+        scenes = [json.loads(line) for line in f]
+    paths = sorted(str(p) for p in (tmp_path / "ds" / "images").glob("*.png"))
+    maps = colour_shapes(paths + stray)
+    assert maps[-1] is None
+    for p, m in zip(paths, maps):
+        scene = next(s for s in scenes if p.endswith(f"/{s['id']}_c0_f0.png"))
+        assert m == {o["colour"]: o["shape"] for o in scene["objects"]}
+    processor = Phi3VProcessor.from_pretrained(d, num_crops=1)
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    plain = align_vision(model, processor, paths, steps=1, batch_size=3, lr=0.0, log_every=0)
+    assert "shape_acc" not in plain
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    s = align_vision(model, processor, paths, steps=40, batch_size=3, lr=5e-3, log_every=10, shape_weight=1.0)
+    assert s["first_loss"] > plain["first_loss"]          # the shape term is part of the loss
+    assert s["final_loss"] < s["first_loss"]
+    assert "shape_acc" in s and not (s["shape_acc"] < 0.0 or s["shape_acc"] > 1.0)   # NaN: no token mostly object
+    # stray images only: nothing to score shapes on, and the loss is the colour loss alone
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    alone = align_vision(model, processor, stray, steps=1, batch_size=1, lr=0.0, log_every=0, shape_weight=1.0)
+    model = Phi3VForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    ref = align_vision(model, processor, stray, steps=1, batch_size=1, lr=0.0, log_every=0)
+    assert "shape_acc" not in alone and alone["first_loss"] == pytest.approx(ref["first_loss"])
+    shutil.rmtree(tmp_path / "ds")

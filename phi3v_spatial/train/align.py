@@ -8,7 +8,10 @@ image token is trained to be recognisable as the colour word of the object it sh
 words, with the per-token colour shares as soft targets (plus a "background" class). The labels come from the
 pixels alone (chromaticity close to a palette colour and saturated), so any rendered image can be used.
 Optionally (``position_weight``) each token must also keep its place in the image linearly readable, so that a
-question about *where* a named object is can be answered from the tokens an attention head finds by colour.
+question about *where* a named object is can be answered from the tokens an attention head finds by colour, and
+(``shape_weight``) each object token must also score as its object's shape word: the pixels give the colour, the
+synthetic scene's ground truth (``scenes.jsonl``, colours are distinct within a scene) gives the colour's shape.
+Without it the tower names colours and guesses shapes (open answers and referring plans named the wrong shape).
 Only ``model.vision_embed_tokens`` is updated; the token embeddings are read, not trained.
 
 Both objectives are blind to the tokens' scale, which drifts (to ~5x the word embeddings' RMS in our runs). So the
@@ -53,6 +56,33 @@ def cell_colour_shares(rgb, palette, cells: int, max_dist: float = 0.02, min_sat
     return onehot.reshape(n, cells, c, cells, c, -1).mean((2, 4)).reshape(n, cells * cells, -1)
 
 
+def colour_shapes(image_paths: Sequence[str]) -> list[dict | None]:
+    """Per image: {colour: shape} of its scene, from the ``scenes.jsonl`` of the dataset folder above its
+    ``images/`` folder (``data.synth`` names images ``<scene>_c<camera>_f<frame>.png``); None where unknown."""
+    import json
+    import os
+    import re
+
+    name = re.compile(r"(?P<scene>[^/]+)_c\d+_f\d+\.png$")
+    folders: dict[str, dict] = {}
+    out: list[dict | None] = []
+    for p in image_paths:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(p)))
+        if root not in folders:
+            gt = os.path.join(root, "scenes.jsonl")
+            scenes = {}
+            if os.path.isfile(gt):
+                with open(gt, encoding="utf-8") as f:
+                    for line in f:
+                        if line.strip():
+                            d = json.loads(line)
+                            scenes[d["id"]] = {o["colour"]: o["shape"] for o in d["objects"]}
+            folders[root] = scenes
+        m = name.search(p.replace(os.sep, "/"))
+        out.append(folders[root].get(m["scene"]) if m else None)
+    return out
+
+
 def token_targets(model, processor, pixel_values, image_sizes, palette) -> tuple:
     """Per-image (feature rows, colour targets, token centres) for the sub-image and global tokens (separators
     excluded); a token's centre is its (x, y) in the image, each in [0, 1].
@@ -85,7 +115,7 @@ def token_targets(model, processor, pixel_values, image_sizes, palette) -> tuple
 
 def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch_size: int = 32, lr: float = 2e-3,
                  seed: int = 0, object_weight: float = 10.0, log_every: int = 25, palette: dict | None = None,
-                 position_weight: float = 0.0, match_text_scale: bool = True) -> dict:
+                 position_weight: float = 0.0, match_text_scale: bool = True, shape_weight: float = 0.0) -> dict:
     """Train ``model.vision_embed_tokens`` so image tokens score as their colour word (see module doc).
 
     ``position_weight`` > 0 adds a second objective: a linear read-out (trained alongside, then discarded) must
@@ -94,10 +124,14 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     probe then finds a token's column in 4 only ~59% of the time), and the language model cannot read *where*
     the object a question names is: the value an attention head copies from an image token carries no place.
 
+    ``shape_weight`` > 0 adds a third: each token scores as the shape word of the object(s) it shows (soft
+    targets: the token's colour shares mapped through its scene's colour -> shape), against the language model's
+    embeddings of the shape words; images without ground truth add nothing to it.
+
     ``match_text_scale`` (default): rescale the projector's output to the word embeddings' RMS (module doc)."""
     import torch
 
-    from ..data.scene import PALETTE
+    from ..data.scene import PALETTE, SHAPES
 
     palette = dict(palette or PALETTE)
     cols = np.asarray(list(palette.values()), dtype=np.float32) / 255.0
@@ -112,12 +146,33 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     # created only when used: building it draws from the global torch RNG, and the default path stays as it was
     readout = torch.nn.Linear(model.config.hidden_size, 2) if position_weight > 0 else None
     extra = [scale] + (list(readout.parameters()) if readout is not None else [])
+    shape_maps = colour_shapes(image_paths) if shape_weight > 0 else None
+    if shape_maps is not None:
+        shape_scale = torch.nn.Parameter(torch.tensor(4.0))
+        extra.append(shape_scale)
+        shape_emb = model.model.embed_tokens.weight.detach()[torch.tensor(colour_word_ids(processor.tokenizer, SHAPES))]
+        shape_emb = shape_emb / shape_emb.pow(2).mean(-1, keepdim=True).sqrt()
     opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}, {"params": extra, "weight_decay": 0.0}], lr=lr)
     emb = model.model.embed_tokens.weight.detach()[word_ids]
     emb = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
     rng = np.random.default_rng([seed, 0xA1])
     model.train()
-    t0, losses = time.time(), []
+    t0, losses, shape_accs = time.time(), [], []
+
+    def shape_targets(idx, targets):
+        """Colour shares (C + 1 columns) -> shape shares (S + 1): a colour of the scene goes to its shape, any
+        other colour (shading noise) and the background to the last column."""
+        out = []
+        for i, y in zip(idx, targets):
+            m = torch.zeros(len(palette) + 1, len(SHAPES) + 1)
+            m[:, -1] = 1.0
+            for c, colour in enumerate(palette):
+                shape = (shape_maps[int(i)] or {}).get(colour)
+                if shape in SHAPES:
+                    m[c, -1] = 0.0
+                    m[c, SHAPES.index(shape)] = 1.0
+            out.append(y @ m if shape_maps[int(i)] is not None else torch.full((len(y), len(SHAPES) + 1), float("nan")))
+        return torch.cat(out, 0)
 
     def batch(idx):
         feats = processor.image_processor(load_rgb([image_paths[int(i)] for i in idx]))
@@ -137,6 +192,17 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
         if readout is not None:
             xy = torch.cat(centres, 0).to(f.dtype)
             loss = loss + position_weight * (readout(fn) - xy).pow(2).mean() * 12.0  # 12: a uniform coordinate's variance is 1/12
+        if shape_maps is not None:
+            ys = shape_targets(idx, targets)
+            known = ~ys[:, 0].isnan()
+            if bool(known.any()):
+                ys, fk, wk = ys[known], fn[known], wgt[known]
+                sl = torch.cat([fk @ shape_emb.T * (shape_scale / fk.shape[-1] ** 0.5), torch.zeros(len(fk), 1)], -1)
+                snll = -(ys * torch.log_softmax(sl, -1)).sum(-1)
+                loss = loss + shape_weight * (snll * wk).sum() / wk.sum()
+                sobj = ys[:, -1] < 0.5          # tokens mostly covered by an object, as for the colour accuracy
+                shape_accs.append(float((sl.argmax(-1) == ys.argmax(-1))[sobj].float().mean())
+                                  if bool(sobj.any()) else float("nan"))
         return loss, acc
 
     for step in range(1, steps + 1):
@@ -147,16 +213,19 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
         opt.step()
         losses.append(loss.item())
         if log_every and step % log_every == 0:
-            print(f"[align] step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} object-token acc {acc:.2f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            shape = f" shape acc {np.nanmean(shape_accs[-log_every:] + [np.nan]):.2f}" if shape_accs else ""
+            print(f"[align] step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} object-token acc {acc:.2f}"
+                  f"{shape} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
     scales = {}
     if match_text_scale:
         scales = match_token_scale(model, processor, [image_paths[int(i)] for i in rng.integers(0, len(image_paths), batch_size)])
     for p in model.parameters():
         p.requires_grad_(True)
+    # mean over the last steps' batches (NaN when none had a token mostly covered by an object)
+    shape_acc = {"shape_acc": float(np.nanmean(shape_accs[-(log_every or 25):] + [np.nan]))} if shape_accs else {}
     return {"steps": steps, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "seconds": round(time.time() - t0, 1), **scales}
+            "seconds": round(time.time() - t0, 1), **shape_acc, **scales}
 
 
 def load_rgb(paths: Sequence[str]) -> list:
