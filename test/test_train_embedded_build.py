@@ -7,7 +7,9 @@ import torch
 
 from phi3v_spatial.data.questions import CANONICAL_RELATIONS
 from phi3v_spatial.data.records import read_jsonl
-from phi3v_spatial.train.embedded import ADAPTER_PHASES, AdapterPhase, Recipe, adapter_phases, build, eval_markdown
+from phi3v_spatial.train.embedded import (
+    ADAPTER_PHASES, RECORD_SETS, AdapterPhase, Recipe, adapter_phases, build, eval_markdown,
+)
 
 TOY = dict(train_scenes=6, eval_scenes=2, image_size=(64, 48), vocab_size=500, hidden=32, layers=1, heads=2,
            intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, init_gain=1.0,
@@ -87,9 +89,8 @@ def test_adapter_phases_chain_one_adapter_and_name_their_folders():
     assert [p.init_adapter for p in phases] == [None, "out/lora_canonical", "out/lora_middle"]
     assert phases[0].data == ["c.jsonl"] and phases[1].data == ["s.jsonl:1", "p.jsonl:0.5"]
     assert [(p.steps, p.lr) for p in phases] == [(5, 1e-3), (6, 5e-4), (7, 2e-4)]
-    default = adapter_phases(Recipe(), {"train": {k: f"{k}.jsonl" for k in ("spatial", "spatial_canonical", "plan",
-                                                                             "multiframe", "open", "quantitative",
-                                                                             "base")}}, "b", "o")
+    sets = (*RECORD_SETS, "spatial_canonical")      # every record set stage a writes
+    default = adapter_phases(Recipe(), {"train": {k: f"{k}.jsonl" for k in sets}}, "b", "o")
     assert len(default) == len(ADAPTER_PHASES) and all(p.geometry_weight > 0 for p in default)
     with pytest.raises(ValueError, match="unknown record set"):
         adapter_phases(Recipe(adapter_phases=[["x", [["nope", 1]], 1, 1e-3]]), data, "b", "o")
