@@ -57,30 +57,29 @@ def cell_colour_shares(rgb, palette, cells: int, max_dist: float = 0.02, min_sat
 
 
 def colour_shapes(image_paths: Sequence[str]) -> list[dict | None]:
-    """Per image: {colour: shape} of its scene, from the ``scenes.jsonl`` of the dataset folder above its
-    ``images/`` folder (``data.synth`` names images ``<scene>_c<camera>_f<frame>.png``); None where unknown."""
-    import json
-    import os
-    import re
+    """Per image: {colour: shape} of its scene (``SceneGeometry.scene_of_image``: the ``scenes.jsonl`` of the
+    dataset folder above its ``images/`` folder); None where unknown."""
+    from .geometry import SceneGeometry
 
-    name = re.compile(r"(?P<scene>[^/]+)_c\d+_f\d+\.png$")
-    folders: dict[str, dict] = {}
-    out: list[dict | None] = []
-    for p in image_paths:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(p)))
-        if root not in folders:
-            gt = os.path.join(root, "scenes.jsonl")
-            scenes = {}
-            if os.path.isfile(gt):
-                with open(gt, encoding="utf-8") as f:
-                    for line in f:
-                        if line.strip():
-                            d = json.loads(line)
-                            scenes[d["id"]] = {o["colour"]: o["shape"] for o in d["objects"]}
-            folders[root] = scenes
-        m = name.search(p.replace(os.sep, "/"))
-        out.append(folders[root].get(m["scene"]) if m else None)
-    return out
+    geometry = SceneGeometry()
+    scenes = (geometry.scene_of_image(p) for p in image_paths)
+    return [None if s is None else {o["colour"]: o["shape"] for o in s["objects"]} for s in scenes]
+
+
+def shape_matrix(colour_shape: dict, palette: Sequence[str]):
+    """(C + 1, S + 1) map from a token's colour shares to its shape shares: a colour of the scene goes to its shape;
+    any other colour (shading noise) and the background (last row) to the last column."""
+    import torch
+
+    from ..data.scene import SHAPES
+
+    m = torch.zeros(len(palette) + 1, len(SHAPES) + 1)
+    m[:, -1] = 1.0
+    for c, colour in enumerate(palette):
+        if colour_shape.get(colour) in SHAPES:
+            m[c, -1] = 0.0
+            m[c, SHAPES.index(colour_shape[colour])] = 1.0
+    return m
 
 
 def token_targets(model, processor, pixel_values, image_sizes, palette) -> tuple:
@@ -146,8 +145,10 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     # created only when used: building it draws from the global torch RNG, and the default path stays as it was
     readout = torch.nn.Linear(model.config.hidden_size, 2) if position_weight > 0 else None
     extra = [scale] + (list(readout.parameters()) if readout is not None else [])
-    shape_maps = colour_shapes(image_paths) if shape_weight > 0 else None
-    if shape_maps is not None:
+    # per image, its colour -> shape map as a matrix (None: no ground truth), built once
+    shape_mats = ([None if m is None else shape_matrix(m, list(palette)) for m in colour_shapes(image_paths)]
+                  if shape_weight > 0 else None)
+    if shape_mats is not None:
         shape_scale = torch.nn.Parameter(torch.tensor(4.0))
         extra.append(shape_scale)
         shape_emb = model.model.embed_tokens.weight.detach()[torch.tensor(colour_word_ids(processor.tokenizer, SHAPES))]
@@ -158,21 +159,6 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
     rng = np.random.default_rng([seed, 0xA1])
     model.train()
     t0, losses, shape_accs = time.time(), [], []
-
-    def shape_targets(idx, targets):
-        """Colour shares (C + 1 columns) -> shape shares (S + 1): a colour of the scene goes to its shape, any
-        other colour (shading noise) and the background to the last column."""
-        out = []
-        for i, y in zip(idx, targets):
-            m = torch.zeros(len(palette) + 1, len(SHAPES) + 1)
-            m[:, -1] = 1.0
-            for c, colour in enumerate(palette):
-                shape = (shape_maps[int(i)] or {}).get(colour)
-                if shape in SHAPES:
-                    m[c, -1] = 0.0
-                    m[c, SHAPES.index(shape)] = 1.0
-            out.append(y @ m if shape_maps[int(i)] is not None else torch.full((len(y), len(SHAPES) + 1), float("nan")))
-        return torch.cat(out, 0)
 
     def batch(idx):
         feats = processor.image_processor(load_rgb([image_paths[int(i)] for i in idx]))
@@ -192,11 +178,12 @@ def align_vision(model, processor, image_paths: Sequence[str], steps: int, batch
         if readout is not None:
             xy = torch.cat(centres, 0).to(f.dtype)
             loss = loss + position_weight * (readout(fn) - xy).pow(2).mean() * 12.0  # 12: a uniform coordinate's variance is 1/12
-        if shape_maps is not None:
-            ys = shape_targets(idx, targets)
-            known = ~ys[:, 0].isnan()
+        if shape_mats is not None:
+            mats = [shape_mats[int(i)] for i in idx]
+            known = torch.cat([torch.full((len(y),), m is not None) for y, m in zip(targets, mats)])
             if bool(known.any()):
-                ys, fk, wk = ys[known], fn[known], wgt[known]
+                ys = torch.cat([y @ m for y, m in zip(targets, mats) if m is not None])
+                fk, wk = fn[known], wgt[known]
                 sl = torch.cat([fk @ shape_emb.T * (shape_scale / fk.shape[-1] ** 0.5), torch.zeros(len(fk), 1)], -1)
                 snll = -(ys * torch.log_softmax(sl, -1)).sum(-1)
                 loss = loss + shape_weight * (snll * wk).sum() / wk.sum()
