@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bag", default="", metavar="OUT.mcap|OUT.db3",
                         help="also write the frames as a rosbag2 bag plus OUT.questions.yaml for replay")
     parser.add_argument("--heldout-templates", action="store_true",
-                        help="plan instructions also in the templates training data never uses (for evaluation sets)")
+                        help="half of the plan instructions in the templates training data never uses (for evaluation sets)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes (same output; default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
