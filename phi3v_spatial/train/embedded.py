@@ -125,13 +125,14 @@ class Recipe:
     sincos_scale: float = 0.5
     # c2. colour/position/shape alignment of the vision tower + projector (``train.align``); 0 = skip. Without it the
     # tiny model learns nothing that depends on the question and the image together; the shape objective needs the
-    # 1500 steps (shape accuracy of object tokens 0.3 after 400, 0.7 after 1500).
-    align_steps: int = 1500
+    # steps (shape accuracy of object tokens 0.3 after 400, 0.6-0.7 after 1500-2000; 2000 cost ~600 s on 1 thread).
+    align_steps: int = 2000
     align_batch: int = 32
     align_lr: float = 2e-3
     align_position_weight: float = 1.0  # > 0: tokens also keep their (x, y) place linearly readable
     # > 0: object tokens also score as their shape word (ground truth from scenes.jsonl). Without it open answers got
-    # the colour right and the shape wrong (open 36%); with 1500 steps at weight 3: open 61%, describe 33% (runs/S15).
+    # the colour right and the shape wrong (open 36%); at weight 3: open 61% after 1500 steps (runs/S15), 86% after
+    # 2000 (runs/S16, which also had the varied plan phrasings).
     align_shape_weight: float = 3.0
     # d. pretraining (full): describe + count + presence, several questions about one image per chat.
     base_steps: int = 800
