@@ -29,7 +29,7 @@ FAMILIES = ("move", "refer", "multistep", "done", "missing")
 # Records per scene are drawn from the families with these weights.
 FAMILY_WEIGHTS = {"move": 0.15, "refer": 0.3, "multistep": 0.35, "done": 0.1, "missing": 0.1}
 
-# Training wording is varied on purpose: with one or two phrasings per family the model learned the sentence, not
+# Training wording is varied on purpose: with one to three phrasings per kind the model learned the sentence, not
 # its structure, and unseen phrasings failed (runs/S15: lineup/every held out 9% against 86% in training wording).
 # The held-out templates keep words no training template uses ("Set ... down", "Can you", "Arrange ... in a row",
 # "each"; test_data_executor checks it), so evaluation still measures wording the model never saw.
