@@ -1,12 +1,12 @@
 """`phi3v-spatial synth` end to end, including bags in both storages read back with rosbags."""
 import os
-import re
 
 import cv2
 import numpy as np
 import pytest
 import yaml
 
+from fixtures.plans import template_regex
 from phi3v_spatial.cli import main
 from phi3v_spatial.data.bag_writer import bag_location, write_camera_bag
 from phi3v_spatial.data.plans import EVERY_TEMPLATES, LINEUP_TEMPLATES, MOVE_TEMPLATES
@@ -18,7 +18,7 @@ from phi3v_spatial.engine import prompts
 def _is_training_phrasing(instruction: str) -> bool:
     """The instruction is one of data.plans' training templates filled in (synth without --heldout-templates)."""
     templates = [t for table in (EVERY_TEMPLATES, LINEUP_TEMPLATES, MOVE_TEMPLATES) for t in table["train"]]
-    return any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), instruction) for t in templates)
+    return any(template_regex(t).match(instruction) for t in templates)
 
 
 def _read_bag(bag_dir):

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from fixtures.plans import template_regex
 from phi3v_spatial.data.executor import execute_plan, judge_plan, scene_from_json
 from phi3v_spatial.data.plans import (
     EVERY_TEMPLATES, FAMILIES, LINEUP_TEMPLATES, MOVE_TEMPLATES, instruction_of, plan_records, referring_expressions,
@@ -248,17 +249,13 @@ def scenes():
     return _scenes(40)
 
 
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)) + "$")
-
-
 # Sentence templates per family (the multi-step ones start like a move: "Place each cube ...").
 FAMILY_TEMPLATES = {f: (LINEUP_TEMPLATES, EVERY_TEMPLATES) if f == "multistep" else (MOVE_TEMPLATES,) for f in FAMILIES}
 
 
 def _matching_sets(family: str, instruction: str) -> set:
     return {s for table in FAMILY_TEMPLATES[family] for s, ts in table.items()
-            if any(_template_regex(t).match(instruction) for t in ts)}
+            if any(template_regex(t).match(instruction) for t in ts)}
 
 
 @pytest.mark.parametrize("templates", ["train", "all"])
