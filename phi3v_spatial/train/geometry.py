@@ -52,22 +52,25 @@ class SceneGeometry:
     def scene_of_image(self, path: str, root: str | None = None) -> dict | None:
         """The ground truth of the scene an image of ``data.synth`` shows (``<scene>_c<k>_f<n>.png``), from the
         ``scenes.jsonl`` in ``root`` (default: the folder above the image's ``images/`` folder); None when unknown."""
+        return self._image_scene(path, root)[1]
+
+    def _image_scene(self, path: str, root: str | None) -> tuple:
+        """(the image name's match: scene, camera, frame; the scene's ground truth), None for what is unknown."""
         m = _IMAGE_NAME.search(path.replace(os.sep, "/"))
         if root is None:
             root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         scenes = self._scenes_of(root)
-        return None if m is None or scenes is None else scenes.get(m["scene"])
+        return m, (None if m is None or scenes is None else scenes.get(m["scene"]))
 
     def object_features(self, record: SpatialRecord, root: str, name: str, image: int = 0) -> np.ndarray | None:
         """(u, v, log apparent size), scaled, of object ``name`` in the record's ``image``-th image; None when
         unknown."""
         if not 0 <= image < len(record.images):
             return None
-        scene = self.scene_of_image(record.images[image], root)
+        m, scene = self._image_scene(record.images[image], root)
         if scene is None:
             return None
         obj = next((o for o in scene["objects"] if o["name"] == name), None)
-        m = _IMAGE_NAME.search(record.images[image].replace(os.sep, "/"))   # matched: the scene was found
         cam_index, frame = int(m["camera"]), int(m["frame"])
         if obj is None or cam_index >= len(scene["cameras"]) or frame >= len(obj["positions"]):
             return None
