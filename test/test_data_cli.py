@@ -16,9 +16,10 @@ from phi3v_spatial.engine import prompts
 
 
 def _is_training_phrasing(instruction: str) -> bool:
-    """The instruction is one of data.plans' training templates filled in (synth without --heldout-templates)."""
+    """The instruction is one of data.plans' training templates filled in, filler words allowed (synth without
+    --heldout-templates)."""
     templates = [t for table in (EVERY_TEMPLATES, LINEUP_TEMPLATES, MOVE_TEMPLATES) for t in table["train"]]
-    return any(template_regex(t).match(instruction) for t in templates)
+    return any(template_regex(t, fillers=True).match(instruction) for t in templates)
 
 
 def _read_bag(bag_dir):

@@ -13,7 +13,8 @@ import pytest
 from fixtures.plans import template_regex
 from phi3v_spatial.data.executor import execute_plan, judge_plan, scene_from_json
 from phi3v_spatial.data.plans import (
-    EVERY_TEMPLATES, FAMILIES, LINEUP_TEMPLATES, MOVE_TEMPLATES, instruction_of, plan_records, referring_expressions,
+    EVERY_TEMPLATES, FAMILIES, FILLER_WORDS, LINEUP_TEMPLATES, MOVE_TEMPLATES, TRAIN_FILLER_RATE, instruction_of,
+    nonce_word, plan_records, referring_expressions, with_fillers,
 )
 from phi3v_spatial.data.scene import SHAPES, SynthObject, SynthScene, look_at, relation_holds, shape_dims
 from phi3v_spatial.data.synth import CAM0_EYE, RIG_TARGET, make_scene
@@ -253,16 +254,17 @@ def scenes():
 FAMILY_TEMPLATES = {f: (LINEUP_TEMPLATES, EVERY_TEMPLATES) if f == "multistep" else (MOVE_TEMPLATES,) for f in FAMILIES}
 
 
-def _matching_sets(family: str, instruction: str) -> set:
+def _matching_sets(family: str, instruction: str, fillers: bool = False) -> set:
     return {s for table in FAMILY_TEMPLATES[family] for s, ts in table.items()
-            if any(template_regex(t).match(instruction) for t in ts)}
+            if any(template_regex(t, fillers and s == "train").match(instruction) for t in ts)}
 
 
-@pytest.mark.parametrize("templates", ["train", "all"])
-def test_every_ground_truth_plan_passes_the_executor(scenes, templates):
+@pytest.mark.parametrize("templates,fillers", [("train", 0.0), ("train", TRAIN_FILLER_RATE), ("all", 0.0)])
+def test_every_ground_truth_plan_passes_the_executor(scenes, templates, fillers):
     families, sets = collections.Counter(), collections.Counter()
+    filled = 0
     for i, s in enumerate(scenes):
-        for r in plan_records(s, "x.png", np.random.default_rng([i, 7]), 6, templates=templates):
+        for r in plan_records(s, "x.png", np.random.default_rng([i, 7]), 6, templates=templates, fillers=fillers):
             families[r.family] += 1
             sets[r.template or "train"] += 1
             assert r.type == "plan" and r.scene == s.id and r.images == ["x.png"]
@@ -274,7 +276,8 @@ def test_every_ground_truth_plan_passes_the_executor(scenes, templates):
             assert v.success, (r.id, r.question, r.answer, v.reason)
             instruction = instruction_of(r)
             assert r.question == prompts.plan_request(instruction)
-            assert _matching_sets(r.family, instruction) == {r.template or "train"}, (r.template, instruction)
+            assert _matching_sets(r.family, instruction, fillers > 0) == {r.template or "train"}, (r.template, instruction)
+            filled += not _matching_sets(r.family, instruction)
             if r.family == "missing":
                 assert not r.plan and r.missing and all(m not in s.names for m in r.missing)
                 assert all(m in instruction for m in r.missing)
@@ -296,6 +299,10 @@ def test_every_ground_truth_plan_passes_the_executor(scenes, templates):
                 assert (f"the {a} " in instruction) != (f" the {b}" in instruction), instruction
     assert set(families) == set(FAMILIES), families
     assert sum(families.values()) >= 200
+    n = sum(families.values())
+    # fillers go into that share of the instructions (and only then); the move-family instructions are matched by
+    # the template's placeholders when the filler sits beside one, so fewer show up as "not a bare template"
+    assert (0.25 * fillers * n < filled <= fillers * n * 1.3) if fillers else filled == 0, (filled, n)
     if templates == "train":
         assert set(sets) == {"train"}
     else:
@@ -310,11 +317,43 @@ def _words(template: str) -> set:
 def test_held_out_templates_use_words_no_training_template_uses():
     """Held-out evaluation measures unseen wording only while training never uses the held-out phrasing's words."""
     tables = (MOVE_TEMPLATES, LINEUP_TEMPLATES, EVERY_TEMPLATES)
-    train_words = set().union(*(_words(t) for table in tables for t in table["train"]))
+    train_words = set().union(*(_words(t) for table in tables for t in table["train"]), *map(_words, FILLER_WORDS))
     for table in tables:
         assert len(table["train"]) >= 5, table["train"]   # varied wording, so the structure is what gets learned
         for t in table["held-out"]:
             assert _words(t) - train_words, t
+
+
+def test_fillers_keep_the_template_and_never_split_left_to_right_or_a_relation_from_its_reference():
+    rng = np.random.default_rng(3)
+    reserved = set().union(*(_words(t) for table in (MOVE_TEMPLATES, LINEUP_TEMPLATES, EVERY_TEMPLATES)
+                             for ts in table.values() for t in ts), {"red", "blue", "cube", "cone", "sphere"})
+    for template in [t for table in (MOVE_TEMPLATES, LINEUP_TEMPLATES, EVERY_TEMPLATES) for t in table["train"]]:
+        for _ in range(40):
+            out = with_fillers(template, rng)
+            assert out != template and template_regex(template, fillers=True).match(out), (template, out)
+            assert ("left to right" in out) == ("left to right" in template), out
+            assert ("{rel} {b}" in out) == ("{rel} {b}" in template), out
+            assert re.sub(r"\{\w+\}", "", out).count("{") == 0
+            assert out[-1] == template[-1] and out[0].isupper(), out
+    words = {nonce_word(rng) for _ in range(2000)}
+    assert len(words) > 500 and not words & reserved
+    assert all(re.fullmatch(r"(?:[bdfgklmnprstvz][aeiou]){2,3}", w) for w in words)
+
+
+def test_training_data_has_fillers_and_evaluation_data_none(scenes):
+    """``scene_records``: plan_templates "train" puts fillers into about half the instructions, "all" into none."""
+    from phi3v_spatial.data.questions import scene_records
+
+    def filled(plan_templates):
+        recs = [r for i, s in enumerate(scenes) for r in scene_records(s, ["x.png"], np.random.default_rng(i), ["plan"],
+                                                                       {"plan": 6}, plan_templates=plan_templates)]
+        bare = [bool(_matching_sets(r.family, instruction_of(r))) for r in recs]
+        return bare.count(False), len(recs)
+
+    k, n = filled("train")
+    assert n >= 200 and 0.2 * n < k < TRAIN_FILLER_RATE * n, (k, n)
+    assert filled("all")[0] == 0
 
 
 def test_plan_records_are_reproducible_for_a_seed(scenes):

@@ -12,10 +12,12 @@ Families (``SpatialRecord.family``):
 Every ground-truth plan is executed by ``data.executor`` before it becomes a record, so a training target never
 fails its own check. Sentence templates come in two sets: ``TRAIN`` (training data) and ``HELD_OUT`` (evaluation
 only, ``SpatialRecord.template == "held-out"``), so evaluation also measures instructions phrased in words the
-model never saw in that role.
+model never saw in that role. Training instructions may also carry filler words at any word boundary
+(``with_fillers``), so that an unknown word inside an instruction does not throw off which names the plan copies.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -59,6 +61,58 @@ SUPERLATIVE_PHRASES = {
     "closer to the camera than": "{x} closest to the camera", "farther from the camera than": "{x} farthest from the camera",
 }
 REFER_RELATIONS = ("left of", "right of", "in front of", "behind")
+
+# Fillers for training instructions. runs/S16 copied the right names for "Arrange A, B and C from left to right."
+# (58/59) and the wrong ones once any unseen word stood between C and "from left to right" ("in a row" 0/59,
+# "neatly" 0/59; "please", a training word, 57/59): the copy was keyed to word positions. Training with words that
+# carry nothing, at random places, makes the positions vary. Half are English, half made up from a syllable set
+# (``nonce_word``), so unknown tokens are among them; none is a word of a held-out template (test_data_executor).
+FILLER_WORDS = ("now", "neatly", "carefully", "gently", "quickly", "slowly", "for me", "on the table", "if possible",
+                "thanks", "again", "too", "as well", "exactly", "properly", "soon", "then", "here", "there", "today",
+                "at once", "by hand", "with care", "okay", "just", "first of all", "when you are ready")
+NONCE_CONSONANTS, NONCE_VOWELS = "bdfgklmnprstvz", "aeiou"
+# Share of training plan instructions that get fillers (one, sometimes two); evaluation data gets none.
+TRAIN_FILLER_RATE = 0.5
+
+
+def _reserved_words() -> set[str]:
+    """Words a made-up filler must not be: colours, shapes, relation words and every template's words."""
+    texts = list(PALETTE) + list(SHAPES) + list(PLACE_RELATIONS) + list(SUPERLATIVE_PHRASES.values())
+    texts += [t for table in (MOVE_TEMPLATES, LINEUP_TEMPLATES, EVERY_TEMPLATES) for ts in table.values() for t in ts]
+    return {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+
+
+_RESERVED = _reserved_words()
+
+
+def nonce_word(rng: np.random.Generator) -> str:
+    """A made-up word of two or three consonant-vowel syllables ("tamoki") that is none of the reserved words."""
+    while True:
+        word = "".join(NONCE_CONSONANTS[int(rng.integers(len(NONCE_CONSONANTS)))] +
+                       NONCE_VOWELS[int(rng.integers(len(NONCE_VOWELS)))] for _ in range(int(rng.integers(2, 4))))
+        if word not in _RESERVED:
+            return word
+
+
+def with_fillers(template: str, rng: np.random.Generator) -> str:
+    """``template`` with one filler (sometimes two) at random word boundaries: before the first word (which then
+    loses its capital, unless it is "I"), between two words, or after the last one (before its full stop); never
+    inside "left to right", which says the order, nor between a relation and its reference."""
+    words = template.replace("left to right", "left\0to\0right").split(" ")
+    for _ in range(1 + int(rng.random() < 0.3)):
+        filler = (FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))] if rng.random() < 0.5 else nonce_word(rng))
+        gaps = [g for g in range(len(words) + 1) if g == 0 or "{rel}" not in words[g - 1]]
+        gap = gaps[int(rng.integers(len(gaps)))]
+        if gap == 0:
+            first = words[0] if words[0] == "I" else words[0][:1].lower() + words[0][1:]
+            words = [filler[:1].upper() + filler[1:], first] + words[1:]
+        elif gap == len(words):
+            last = words[-1]
+            stop = last[-1] if last[-1] in ".?" else ""
+            words = words[:-1] + [last[:len(last) - len(stop)], filler + stop]
+        else:
+            words.insert(gap, filler)
+    return " ".join(words).replace("\0", " ")
 
 
 def _the(name: str) -> str:
@@ -111,18 +165,24 @@ def referring_expressions(scene: SynthScene, camera: int = 0) -> list[tuple[str,
 
 class PlanMaker:
     """Draws plan records for one scene (camera 0, frame 0). ``templates`` is "train" or "all" (training plus the
-    held-out sentence templates, for evaluation data)."""
+    held-out sentence templates, for evaluation data); ``fillers`` is the share of training-set instructions that
+    get filler words (``with_fillers``)."""
 
-    def __init__(self, scene: SynthScene, image: str, rng: np.random.Generator, templates: str = "train"):
+    def __init__(self, scene: SynthScene, image: str, rng: np.random.Generator, templates: str = "train",
+                 fillers: float = 0.0):
         self.scene, self.image, self.rng = scene, image, rng
         self.sets = ["train"] + (["held-out"] if templates == "all" else [])
         self.names = scene.names
+        self.fillers = fillers
 
     def _template(self, table: dict) -> tuple[str, str]:
         """(template, set): evaluation data draws the set first, half and half, so the held-out share of a family
         does not shrink when training gets more phrasings."""
         tset = self._pick(self.sets)
-        return self._pick(table[tset]), tset
+        template = self._pick(table[tset])
+        if tset == "train" and self.fillers > 0 and self.rng.random() < self.fillers:
+            template = with_fillers(template, self.rng)
+        return template, tset
 
     def _pick(self, seq: Sequence):
         return seq[int(self.rng.integers(len(seq)))]
@@ -235,14 +295,14 @@ def instruction_of(record: SpatialRecord) -> str:
 
 
 def plan_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int, templates: str = "train",
-                 families: Sequence[str] | None = None) -> list[SpatialRecord]:
+                 families: Sequence[str] | None = None, fillers: float = 0.0) -> list[SpatialRecord]:
     """``n`` plan records about camera 0's frame 0, families drawn by ``FAMILY_WEIGHTS`` (a family the scene
-    cannot support, e.g. multistep with two objects, falls back to a move)."""
+    cannot support, e.g. multistep with two objects, falls back to a move); ``fillers`` as in ``PlanMaker``."""
     if len(scene.names) < 2 or n <= 0:
         return []
     fams = list(families or FAMILIES)
     w = np.array([FAMILY_WEIGHTS[f] for f in fams], dtype=np.float64)
-    maker = PlanMaker(scene, image, rng, templates)
+    maker = PlanMaker(scene, image, rng, templates, fillers)
     out: list[SpatialRecord] = []
     for _ in range(n):
         family = fams[int(rng.choice(len(fams), p=w / w.sum()))]

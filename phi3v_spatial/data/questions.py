@@ -17,7 +17,7 @@ import numpy as np
 
 from ..engine import prompts
 from .records import RECORD_TYPES, SpatialRecord
-from .plans import instruction_of, plan_records
+from .plans import TRAIN_FILLER_RATE, instruction_of, plan_records
 from .scene import (
     CONVERSE, IMAGE_MARGIN_FRAC, PALETTE, RELATIONS, SynthScene, camera_distance, distance,
     relation_holds,
@@ -398,7 +398,8 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
     """All question records for one scene. ``image_paths[camera][frame]`` as stored (a flat list = camera 0's
     frames). Single-image kinds are asked of frame 0 of every camera; plans and motion questions use camera 0;
     two-camera questions (kind multiframe, ``counts["multicamera"]``) both cameras' frame 0. ``plan_templates``:
-    "train", or "all" to add the held-out instruction templates (evaluation data)."""
+    "train" (training data: filler words in ``plans.TRAIN_FILLER_RATE`` of the instructions), or "all" to add the
+    held-out instruction templates (evaluation data, no fillers)."""
     kinds = list(DEFAULT_KINDS if kinds is None else kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -428,7 +429,9 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
         if "quantitative" in kinds:
             out += quantitative_records(scene, cam, img, rng, counts["quantitative"])
     if "plan" in kinds:
-        out += plan_records(scene, paths[0][0], rng, counts["plan"], templates=plan_templates)
+        # training data ("train") gets filler words in half its instructions; evaluation data ("all") none
+        out += plan_records(scene, paths[0][0], rng, counts["plan"], templates=plan_templates,
+                            fillers=TRAIN_FILLER_RATE if plan_templates == "train" else 0.0)
     if "multiframe" in kinds and len(paths[0]) == scene.num_frames:
         out += multiframe_records(scene, paths[0], rng, counts["multiframe"])
     if "multiframe" in kinds and len(paths) >= 2:
