@@ -21,6 +21,7 @@ pytest.importorskip("rclpy")
 
 from conftest import REPO_ROOT, SHARED_DIR  # noqa: E402
 from fixtures.ros import SPATIAL_NODE, NodeProcess, RosClient, scene_image  # noqa: E402
+from phi3v_spatial.ros.process import STOP_TIMEOUT_S  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,13 +62,15 @@ def _check_results(client, futures):
         assert not res.result.success and "shutting down" in res.result.error, res
 
 
-def _check_log(log: str, signame: str) -> None:
-    """No traceback, and one line saying it stopped (how many requests were in flight depends on timing: a goal the
-    signal beat to its execute callback is refused as "shutting down" instead, which the results show)."""
+def _check_log(log: str, signames: set[str]) -> None:
+    """No traceback, and one line saying it stopped, on one of ``signames`` (how many requests were in flight depends
+    on timing: a goal the signal beat to its execute callback is refused as "shutting down" instead, which the
+    results show)."""
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-5000:]
     stopped = [line for line in log.splitlines() if "stopped on " in line]
     assert len(stopped) == 1, stopped
-    assert re.search(rf"stopped on {signame}: [12] request\(s\) in flight answered; model released$", stopped[0]), stopped
+    names = "|".join(sorted(signames))
+    assert re.search(rf"stopped on ({names}): [12] request\(s\) in flight answered; model released$", stopped[0]), stopped
 
 
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)],
@@ -84,13 +87,17 @@ def test_repeated_signals_while_generating(signals, endless_model_dir, tokenizer
             if i:
                 time.sleep(0.05)
             os.killpg(proc.proc.pid, sig)  # its own group: what a terminal sends to its foreground job
-        rc = proc.proc.wait(30)
+        # the node's own stop budget is up to 3 x STOP_TIMEOUT_S (replies, executor, spin thread); on a loaded
+        # machine it has used more than 30 s in all (a CI run beside a training job)
+        rc = proc.proc.wait(3 * STOP_TIMEOUT_S + 30)
         _check_results(client, results)
     finally:
         client.close()
         proc.stop()
     assert rc == 0, proc.log()[-5000:]
-    _check_log(proc.log(), signal.Signals(signals[0]).name)
+    # Python runs the handlers of signals pending together in signal-number order, not arrival order: on a loaded
+    # machine SIGTERM and SIGINT sent 50 ms apart can both be pending when the main thread next runs (seen in CI)
+    _check_log(proc.log(), {signal.Signals(s).name for s in signals})
 
 
 def _own_ros_env() -> dict:
@@ -180,4 +187,4 @@ def test_ctrl_c_on_ros2_launch(launch_venv, endless_model_dir, tokenizer_dir, tm
     text = log_path.read_text(errors="replace")
     assert rc == 0, text[-5000:]
     assert "process has finished cleanly" in text and "process has died" not in text, text[-5000:]
-    _check_log(text, "SIGINT")
+    _check_log(text, {"SIGINT"})
