@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from fixtures.processes import alive, descendants, is_loopback, listening_sockets
+from fixtures.processes import RAY_EXIT_S, alive, descendants, is_loopback, listening_sockets
 from phi3v_spatial.cli import main
 from phi3v_spatial.replay import fleet
 
@@ -132,7 +132,7 @@ def test_ray_replay_matches_sequential_replay_on_loopback_and_leaves_nothing(fle
     assert any("raylet" in c for c in seen["procs"].values()), seen["procs"]
     assert seen["sockets"], "no listening socket seen: the probe looked at the wrong processes"
     assert all(is_loopback(addr) for _, _, addr in seen["sockets"]), seen["sockets"]
-    deadline = time.time() + 20
+    deadline = time.time() + RAY_EXIT_S
     while alive(seen["procs"]) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(seen["procs"]), {p: seen["procs"][p] for p in alive(seen["procs"])}
@@ -165,7 +165,7 @@ def test_interrupted_ray_replay_resumes_without_repeating_finished_bags(fleet_da
     first = _lines(out)
     finished = {x["bag"] for x in first if not x.get("bag_error")}
     assert len(finished) == 1
-    deadline = time.time() + 20   # the interrupted run stopped its Ray instance too
+    deadline = time.time() + RAY_EXIT_S   # the interrupted run stopped its Ray instance too
     while set(descendants()) - before and time.time() < deadline:
         time.sleep(0.2)
     assert not set(descendants()) - before, descendants()
