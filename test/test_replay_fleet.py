@@ -7,12 +7,11 @@ loopback only and none is left afterwards.
 """
 import json
 import os
-import time
 
 import pytest
 import yaml
 
-from fixtures.processes import RAY_EXIT_S, alive, descendants, is_loopback, listening_sockets
+from fixtures.processes import alive, descendants, is_loopback, listening_sockets, wait_until_empty
 from phi3v_spatial.cli import main
 from phi3v_spatial.replay import fleet
 
@@ -132,10 +131,8 @@ def test_ray_replay_matches_sequential_replay_on_loopback_and_leaves_nothing(fle
     assert any("raylet" in c for c in seen["procs"].values()), seen["procs"]
     assert seen["sockets"], "no listening socket seen: the probe looked at the wrong processes"
     assert all(is_loopback(addr) for _, _, addr in seen["sockets"]), seen["sockets"]
-    deadline = time.time() + RAY_EXIT_S
-    while alive(seen["procs"]) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not alive(seen["procs"]), {p: seen["procs"][p] for p in alive(seen["procs"])}
+    left = wait_until_empty(lambda: alive(seen["procs"]))
+    assert not left, {p: seen["procs"][p] for p in left}
 
 
 def test_interrupted_ray_replay_resumes_without_repeating_finished_bags(fleet_data, sequential, tmp_path,
@@ -165,10 +162,8 @@ def test_interrupted_ray_replay_resumes_without_repeating_finished_bags(fleet_da
     first = _lines(out)
     finished = {x["bag"] for x in first if not x.get("bag_error")}
     assert len(finished) == 1
-    deadline = time.time() + RAY_EXIT_S   # the interrupted run stopped its Ray instance too
-    while set(descendants()) - before and time.time() < deadline:
-        time.sleep(0.2)
-    assert not set(descendants()) - before, descendants()
+    # the interrupted run stopped its Ray instance too
+    assert not wait_until_empty(lambda: set(descendants()) - before), descendants()
 
     marked = [dict(x, marker=True) if x["bag"] in finished else x for x in first]
     out.write_text("".join(json.dumps(x) + "\n" for x in marked) + '{"bag": "cut mid-li')   # plus a cut line

@@ -1,10 +1,9 @@
 """``eval --ray``: records sharded over 2 Ray actors give the same report and predictions as one process."""
 import json
-import time
 
 import pytest
 
-from fixtures.processes import RAY_EXIT_S, descendants
+from fixtures.processes import descendants, wait_until_empty
 from phi3v_spatial import cli
 
 pytest.importorskip("ray", reason="ray is pinned in requirements.txt; make setup installs it")
@@ -33,7 +32,4 @@ def test_eval_sharded_on_ray_equals_eval_in_one_process(tmp_path, tiny_model_dir
     scores = [[p["score"] for p in x["predictions"]] for x in (a, b)]
     assert [s is None for s in scores[0]] == [s is None for s in scores[1]] and any(s is not None for s in scores[0])
     assert [s for s in scores[0] if s is not None] == pytest.approx([s for s in scores[1] if s is not None], rel=1e-5)
-    deadline = time.time() + RAY_EXIT_S
-    while set(descendants()) - before and time.time() < deadline:
-        time.sleep(0.2)
-    assert not set(descendants()) - before, descendants()
+    assert not wait_until_empty(lambda: set(descendants()) - before), descendants()
