@@ -390,3 +390,53 @@ def test_locate_answers_follow_the_geometry():
             z = scene.camera_position(r.subj)[2]
             assert depth == ("near" if z < 2.7 else "middle" if z < 3.6 else "far")
             assert (support == "in the air") == (o.bottom(0) > 0.05)
+
+
+def test_refer_questions_name_the_object_the_expression_means_and_are_opt_in():
+    """"Which one is the biggest cube?" and "Which one is the cone behind the red sphere?": the answer is read back
+    from the sentence and the 3D truth here, not from the generator's own tables."""
+    from phi3v_spatial.data.questions import DEFAULT_KINDS
+    from phi3v_spatial.data.scene import SHAPES
+
+    assert "refer" not in DEFAULT_KINDS
+    word = {"leftmost": "left of", "rightmost": "right of", "biggest": "bigger than", "smallest": "smaller than"}
+    superlative = re.compile(r"^Which one is the (leftmost|rightmost|biggest|smallest) (\w+)\?$")
+    camera = re.compile(r"^Which one is the (\w+) (closest to|farthest from) the camera\?$")
+    relative = re.compile(r"^Which one is the (\w+) (left of|right of|in front of|behind) the (\w+ \w+)\?$")
+    seen = {"superlative": 0, "camera": 0, "relative": 0}
+    for seed in range(40):
+        scene = make_scene(seed, num_objects=(3, 4))
+        shape_of = {o.name: o.shape for o in scene.objects}
+        recs = scene_records(scene, ["x.png"], np.random.default_rng(seed), kinds=["refer"])
+        assert len(recs) <= 2 and len({r.question for r in recs}) == len(recs)
+        for r in recs:
+            assert r.type == "refer" and r.answer == r.subj and r.answer in scene.names
+            if m := superlative.match(r.question) or camera.match(r.question):
+                noun = m[2] if m.re is superlative else m[1]
+                rel = word[m[1]] if m.re is superlative else (
+                    "closer to the camera than" if m[2] == "closest to" else "farther from the camera than")
+                cands = [n for n in scene.names if noun == "object" or shape_of[n] == noun]
+                assert noun in ("object", *SHAPES) and r.answer in cands and len(cands) >= 2
+                assert all(relation_holds(scene, r.answer, rel, o) is True for o in cands if o != r.answer), r.question
+                seen["superlative" if m.re is superlative else "camera"] += 1
+            else:
+                m = relative.match(r.question)
+                assert m is not None, r.question
+                shape, rel, ref = m[1], m[2], m[3]
+                assert shape_of[r.answer] == shape and ref in scene.names and r.obj == ref
+                for n in scene.names:
+                    if shape_of[n] == shape and n != ref:
+                        assert relation_holds(scene, n, rel, ref) is (n == r.answer), (r.question, n)
+                seen["relative"] += 1
+    assert all(v > 0 for v in seen.values()), seen
+
+
+def test_adding_refer_questions_leaves_the_other_records_of_a_scene_as_they_were():
+    kinds = ["yesno", "choice", "open", "plan", "multiframe"]
+    for seed in range(5):
+        scene = make_scene(seed, num_objects=(3, 4), frames=2, cameras=2)
+        paths = [["c0f0.png", "c0f1.png"], ["c1f0.png", "c1f1.png"]]
+        without = scene_records(scene, paths, np.random.default_rng(seed), kinds=kinds)
+        with_refer = scene_records(scene, paths, np.random.default_rng(seed), kinds=kinds + ["refer"])
+        assert [r.to_json() for r in with_refer[:len(without)]] == [r.to_json() for r in without]
+        assert all(r.type == "refer" for r in with_refer[len(without):])

@@ -81,6 +81,20 @@ def test_records_without_ground_truth_get_none(synth, tmp_path):
     assert geo.object_features(r, root, "no such object") is None
 
 
+def test_a_referring_expression_answer_targets_the_object_it_names(tmp_path):
+    """"Which one is the biggest cube?" -> "green cube": the answer position regresses the green cube's features
+    (as an open answer's does), so the grounding gets the same supervision as the name it is read out as."""
+    from phi3v_spatial.data.synth import generate_dataset
+
+    path = generate_dataset(str(tmp_path / "refer"), 8, seed=3, size=(160, 120), kinds=["refer"])
+    root, recs = os.path.dirname(path), list(read_jsonl(path))
+    geo = SceneGeometry()
+    assert recs and all(r.type == "refer" for r in recs)
+    for r in recs:
+        np.testing.assert_array_equal(geo.answer_object(r, root), geo.object_features(r, root, r.answer))
+        assert geo.question_objects(r, root) is None
+
+
 @pytest.mark.skipif(not os.path.isdir(EMBEDDED), reason="models/phi3v-spatial-tiny is not built")
 @pytest.mark.parametrize("turns", [1, 3])
 def test_collator_targets_sit_on_the_names_and_the_answer_position(synth, turns):

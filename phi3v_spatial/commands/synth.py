@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--motion", default="auto", choices=("auto", "none", "camera", "object"),
                         help="multi-frame motion (auto: alternate object/camera motion when --frames > 1)")
     parser.add_argument("--kinds", default="", help="comma-separated record kinds (default all): "
-                        "yesno,choice,open,quantitative,multiframe,plan,describe,count")
+                        "yesno,choice,open,quantitative,multiframe,plan,describe,count; opt-in: presence, locate, "
+                        "refer (which object a plan's referring expression means)")
     parser.add_argument("--bag", default="", metavar="OUT.mcap|OUT.db3",
                         help="also write the frames as a rosbag2 bag plus OUT.questions.yaml for replay")
     parser.add_argument("--heldout-templates", action="store_true",

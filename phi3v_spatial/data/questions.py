@@ -7,7 +7,8 @@ first), never by position, so base pretraining cannot leak left/right into the m
 
 Kinds: yesno, choice, open (one object name), quantitative (value + unit + relative tolerance), multiframe (two
 frames of camera 0 with motion, or the two cameras' images), plan (``data.plans``: answer =
-``prompts.plan_reply(...)``, steps also in ``plan``), describe, count.
+``prompts.plan_reply(...)``, steps also in ``plan``), describe, count, and the opt-in presence, locate and refer
+("Which one is the biggest cube?": the object a plan's referring expression means).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..engine import prompts
 from .records import RECORD_TYPES, SpatialRecord
-from .plans import TRAIN_FILLER_RATE, instruction_of, plan_records
+from .plans import TRAIN_FILLER_RATE, instruction_of, plan_records, referring_expressions
 from .scene import (
     CONVERSE, IMAGE_MARGIN_FRAC, PALETTE, RELATIONS, SynthScene, camera_distance, distance,
     relation_holds,
@@ -25,11 +26,12 @@ from .scene import (
 from .vsr import VSR_META_CATEGORIES
 
 KINDS = RECORD_TYPES
-# "presence" and "locate" are opt-in (base pretraining of the embedded model), so default datasets are unchanged.
-DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate"))
+# "presence", "locate" (base pretraining of the embedded model) and "refer" (its adapter) are opt-in, so default
+# datasets are unchanged.
+DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate", "refer"))
 # Records per scene (per camera for the single-image kinds); presence asks about every palette colour.
 DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "multicamera": 1, "plan": 1, "describe": 1, "count": 1,
-                  "presence": 6, "locate": 4}
+                  "presence": 6, "locate": 4, "refer": 2}
 QUANT_TOLERANCE = 0.25  # relative
 MOTION_MARGIN_M = 0.2
 
@@ -60,6 +62,7 @@ PAIR_CHOICES = {
     "below": "Which is lower, the {a} or the {b}?",
 }
 OPEN_QUESTION = "What is {rel} the {ref}?"
+REFER_QUESTION = "Which one is {expression}?"
 QUANT_QUESTIONS = {
     "distance": "How far apart are the {a} and the {b}?",
     "camera": "How far is the {a} from the camera?",
@@ -207,6 +210,19 @@ def open_records(scene: SynthScene, camera: int, image: str, rng: np.random.Gene
                                      question=OPEN_QUESTION.format(rel=rel, ref=ref), answer=hits[0], relation=rel,
                                      subj=hits[0], obj=ref, meta_category=meta_category(rel)))
             break
+    return out
+
+
+def refer_records(scene: SynthScene, image: str, rng: np.random.Generator, n: int) -> list[SpatialRecord]:
+    """"Which one is the biggest cube?" -> "green cube": up to ``n`` different referring expressions of the plans'
+    kind (``plans.referring_expressions``, camera 0, frame 0), each picking out exactly one object clearly."""
+    found = referring_expressions(scene, 0)
+    out = []
+    for k in rng.permutation(len(found))[:n] if found else ():
+        expression, name, anchor = found[int(k)]
+        out.append(SpatialRecord(**_ctx(scene, 0, image, "refer", len(out)),
+                                 question=REFER_QUESTION.format(expression=expression), answer=name, subj=name,
+                                 obj=anchor))
     return out
 
 
@@ -436,6 +452,8 @@ def scene_records(scene: SynthScene, image_paths, rng: np.random.Generator, kind
         out += multiframe_records(scene, paths[0], rng, counts["multiframe"])
     if "multiframe" in kinds and len(paths) >= 2:
         out += two_camera_records(scene, [paths[0][0], paths[1][0]], rng, counts["multicamera"])
+    if "refer" in kinds:   # last, so that adding it leaves every other record of the scene as it was
+        out += refer_records(scene, paths[0][0], rng, counts["refer"])
     return out
 
 

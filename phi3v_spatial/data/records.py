@@ -14,8 +14,10 @@ from typing import Iterable, Iterator
 # Question kinds. "yesno"/"choice"/"open" are qualitative; "quantitative" answers carry a value + tolerance;
 # "presence" ("Is there a red object?") and "locate" ("Where is the red object?" -> coarse image column,
 # distance band, on the ground / in the air) pretrain the embedded base model; neither is a relation question.
+# "refer" asks which object a plan's referring expression means ("Which one is the biggest cube?" -> an object
+# name): the grounding step of a refer plan, on its own.
 RECORD_TYPES = ("yesno", "choice", "open", "quantitative", "multiframe", "plan", "describe", "count", "presence",
-                "locate")
+                "locate", "refer")
 
 
 @dataclass

@@ -132,11 +132,11 @@ class SceneGeometry:
         return out or None
 
     def answer_object(self, record: SpatialRecord, root: str) -> np.ndarray | None:
-        """Features of the object a one-object answer names (open questions, choices between objects, "Which
-        object moved?" in its last frame); None for other records."""
+        """Features of the object a one-object answer names (open questions, referring expressions, choices between
+        objects, "Which object moved?" in its last frame); None for other records."""
         if not record.subj or record.answer != record.subj:
             return None
-        if record.type == "open" or (record.type == "choice" and len(record.images) == 1):
+        if record.type in ("open", "refer") or (record.type == "choice" and len(record.images) == 1):
             return self.object_features(record, root, record.subj, 0)
         if record.type == "multiframe" and record.family == "motion" and len(record.images) == 2:
             return self.object_features(record, root, record.subj, 1)
