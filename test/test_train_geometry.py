@@ -91,7 +91,9 @@ def test_a_referring_expression_answer_targets_the_object_it_names(tmp_path):
     geo = SceneGeometry()
     assert recs and all(r.type == "refer" for r in recs)
     for r in recs:
-        np.testing.assert_array_equal(geo.answer_object(r, root), geo.object_features(r, root, r.answer))
+        target = geo.answer_object(r, root)
+        assert target is not None, r.question
+        np.testing.assert_array_equal(target, geo.object_features(r, root, r.answer))
         assert geo.question_objects(r, root) is None
 
 
