@@ -7,7 +7,7 @@ import pytest
 
 from phi3v_spatial.data.records import read_jsonl
 from phi3v_spatial.train.collator import GEOMETRY_ANSWER, GEOMETRY_NAME, IGNORE_INDEX, SpatialCollator
-from phi3v_spatial.train.geometry import SceneGeometry
+from phi3v_spatial.train.geometry import GEOMETRY_FEATURES, SceneGeometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED = os.path.join(REPO, "models", "phi3v-spatial-tiny")
@@ -23,14 +23,16 @@ def synth(tmp_path_factory):
 
 
 def test_features_agree_with_every_clear_image_relation_label(synth):
-    """Left/right and above/below labels are decided in the image too (relation_holds), so the sign of the
-    features' difference must agree with each of those yes/no labels; bigger/smaller must follow apparent size
-    more often than not (3D size = apparent size x distance)."""
+    """Left/right and above/below labels are decided in the image too (relation_holds), and in front/behind and
+    closer/farther by depth with a margin, so the sign of the features' difference must agree with each of those
+    yes/no labels; bigger/smaller must follow apparent size more often than not (3D size = apparent size x
+    distance)."""
     root, recs = synth
     geo = SceneGeometry()
-    checked = {"left of": 0, "right of": 0, "above": 0, "below": 0}
+    sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1), "in front of": (3, -1),
+            "behind": (3, 1), "closer to the camera than": (3, -1), "farther from the camera than": (3, 1)}
+    checked = dict.fromkeys(sign, 0)
     size_agree, size_n = 0, 0
-    sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
     for r in recs:
         if r.type != "yesno":
             continue
@@ -63,6 +65,8 @@ def test_features_are_the_projected_object_centre(synth):
     u, v = c["fx"] * p[0] / p[2] + c["cx"], c["fy"] * p[1] / p[2] + c["cy"]
     np.testing.assert_allclose(f[:2], [4 * (u / 160 - 0.5), 4 * (v / 120 - 0.5)], atol=1e-5)
     np.testing.assert_allclose(f[2], (np.log(c["fx"] * o["size"] / p[2]) - 3.0) / 0.5, atol=1e-5)
+    np.testing.assert_allclose(f[3], p[2] - 3.25, atol=1e-5)
+    assert f.shape == (len(GEOMETRY_FEATURES),)
 
 
 def test_records_without_ground_truth_get_none(synth, tmp_path):
@@ -135,7 +139,7 @@ def test_collator_targets_sit_on_the_names_and_the_answer_position(synth, turns)
     assert n_named > 10
     batch = collator(items[:6])
     for key in ("geometry_name", "geometry_answer"):
-        assert batch[f"{key}_index"].shape[1] == 2 and batch[f"{key}_target"].shape[1] == 3
+        assert batch[f"{key}_index"].shape[1] == 2 and batch[f"{key}_target"].shape[1] == len(GEOMETRY_FEATURES)
         assert len(batch[f"{key}_index"]) == len(batch[f"{key}_target"])
     assert not any(k.startswith("geometry") for k in plain(items[:6]))
 

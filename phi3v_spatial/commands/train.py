@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("auxiliary geometry loss (synthetic data only; train.geometry)")
     g.add_argument("--geometry-weight", type=float, default=0.0, metavar="W",
                    help="weight of the loss that makes hidden states regress each named object's image position and "
-                        "apparent size (from the scenes.jsonl beside synthetic records); 0 = off (default)")
+                        "apparent size and depth (from the scenes.jsonl beside synthetic records); 0 = off (default)")
     g.add_argument("--geometry-layers", type=int, nargs=2, default=(2, 3), metavar=("NAME", "ANSWER"),
                    help="hidden-state indices the two heads read: at object names, at the answer position (default 2 3)")
     g = p.add_argument_group("checkpoints and runtime")

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data.records import SpatialRecord
 from ..engine import prompts
+from .geometry import GEOMETRY_FEATURES
 
 IGNORE_INDEX = -100
 
@@ -118,7 +119,8 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
         for kind, key in GEOMETRY_KEYS:
             rows = [(i, pos, t) for i, s in enumerate(samples) for k, pos, t in s.geometry if k == kind]
             batch[key + "_index"] = torch.tensor([[i, pos] for i, pos, _ in rows], dtype=torch.long).reshape(-1, 2)
-            batch[key + "_target"] = torch.tensor(np.array([t for _, _, t in rows], dtype=np.float32)).reshape(-1, 3)
+            targets = np.array([t for _, _, t in rows], dtype=np.float32)
+            batch[key + "_target"] = torch.tensor(targets).reshape(-1, len(GEOMETRY_FEATURES))
     pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
     if pvs:
         batch["pixel_values"] = torch.cat([torch.as_tensor(p) for p in pvs], dim=0)

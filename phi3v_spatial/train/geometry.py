@@ -5,9 +5,9 @@ did not learn to fetch a named object's place from the image tokens: at the obje
 image position was not linearly decodable (R^2 0.17 after the adapter's first phase, 0.0 in the base), and every
 relation got answered from one shared score (docs/EMBEDDED_MODEL.md). The synthetic scenes know every object's
 place, so training can ask for it directly (deep supervision): a linear head reads each object name's last token
-at one layer and regresses that object's image position and apparent size, another reads the answer position at
-a later layer and regresses the difference between the two named objects. The heads are a training aid only; the
-adapter that comes out is a plain PEFT adapter, and inference never sees them.
+at one layer and regresses that object's image position, apparent size and depth, another reads the answer
+position at a later layer and regresses the difference between the two named objects. The heads are a training aid
+only; the adapter that comes out is a plain PEFT adapter, and inference never sees them.
 
 Only synthetic records carry this (their folder holds ``scenes.jsonl``, written by ``data.synth``); VSR and other
 records train without it.
@@ -23,11 +23,16 @@ import numpy as np
 from ..data.records import SpatialRecord
 from ..data.scene import Camera
 
-# What the heads regress, per object: image column and row (each scaled so the image spans -2..2) and the log of
-# the apparent size in pixels (centred and scaled for the synthetic scenes: 20 px -> 0, x1.65 per unit).
-GEOMETRY_FEATURES = ("u", "v", "log_apparent_size")
+# What the heads regress, per object: image column and row (each scaled so the image spans -2..2), the log of
+# the apparent size in pixels (centred and scaled for the synthetic scenes: 20 px -> 0, x1.65 per unit), and the
+# depth along the camera axis (3.25 m -> 0, 1 m per unit: variance about 0.5 like the others). Without depth the
+# in-front/behind/closer/farther questions sat at 87-91% yes/no against 95-99% for left/right/above/below; a depth
+# scale of 0.7 m per unit weighed it so much that counting and open answers fell (docs/EMBEDDED_MODEL.md).
+GEOMETRY_FEATURES = ("u", "v", "log_apparent_size", "depth")
 LOG_SIZE_CENTRE = 3.0
 LOG_SIZE_SCALE = 0.5
+DEPTH_CENTRE_M = 3.25
+DEPTH_SCALE_M = 1.0
 _IMAGE_NAME = re.compile(r"(?:^|/)(?P<scene>[^/]+)_c(?P<camera>\d+)_f(?P<frame>\d+)\.png$")
 
 
@@ -63,8 +68,8 @@ class SceneGeometry:
         return m, (None if m is None or scenes is None else scenes.get(m["scene"]))
 
     def object_features(self, record: SpatialRecord, root: str, name: str, image: int = 0) -> np.ndarray | None:
-        """(u, v, log apparent size), scaled, of object ``name`` in the record's ``image``-th image; None when
-        unknown."""
+        """``GEOMETRY_FEATURES`` (u, v, log apparent size, depth), scaled, of object ``name`` in the record's
+        ``image``-th image; None when unknown."""
         if not 0 <= image < len(record.images):
             return None
         m, scene = self._image_scene(record.images[image], root)
@@ -83,7 +88,8 @@ class SceneGeometry:
         u, v = uv[0]
         apparent = cam.fx * float(obj["size"]) / float(z[0])
         return np.array([4.0 * (u / cam.width - 0.5), 4.0 * (v / cam.height - 0.5),
-                         (np.log(apparent) - LOG_SIZE_CENTRE) / LOG_SIZE_SCALE], dtype=np.float32)
+                         (np.log(apparent) - LOG_SIZE_CENTRE) / LOG_SIZE_SCALE,
+                         (float(z[0]) - DEPTH_CENTRE_M) / DEPTH_SCALE_M], dtype=np.float32)
 
     def _about_image(self, record: SpatialRecord) -> int | None:
         """The image a single-image relation question is about: the only one, or a two-camera question's."""

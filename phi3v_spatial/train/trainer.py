@@ -52,8 +52,8 @@ class TrainConfig:
     # >1: pack up to this many records about the same images into one multi-turn chat (collator ``turns``)
     turns: int = 1
     # > 0: the auxiliary geometry loss (``train.geometry``) at this weight, on synthetic two-object questions: a
-    # linear head on hidden_states[geometry_layers[0]] at each object name regresses that object's image position
-    # and apparent size, one on hidden_states[geometry_layers[1]] at the answer position their difference.
+    # linear head on hidden_states[geometry_layers[0]] at each object name regresses that object's image position,
+    # apparent size and depth, one on hidden_states[geometry_layers[1]] at the answer position their difference.
     geometry_weight: float = 0.0
     geometry_layers: tuple = (2, 3)
     # checkpoints
