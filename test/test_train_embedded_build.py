@@ -8,7 +8,8 @@ import torch
 from phi3v_spatial.data.questions import CANONICAL_RELATIONS
 from phi3v_spatial.data.records import read_jsonl
 from phi3v_spatial.train.embedded import (
-    ADAPTER_PHASES, RECORD_SETS, AdapterPhase, Recipe, adapter_phases, build, eval_markdown,
+    ADAPTER_PHASES, RECORD_SETS, TOKENIZER_SKIP_TYPES, AdapterPhase, Recipe, adapter_phases, build, eval_markdown,
+    training_texts,
 )
 
 TOY = dict(train_scenes=6, eval_scenes=2, image_size=(64, 48), vocab_size=500, hidden=32, layers=1, heads=2,
@@ -37,9 +38,15 @@ def test_build_runs_every_stage_and_trains_one_adapter_through_its_phases(tmp_pa
     assert {x.id for x in canonical} < {x.id for x in spatial}
     # every record set holds its kinds only, and the two-image questions have two images
     for name, types in (("plan", {"plan"}), ("multiframe", {"multiframe"}), ("open", {"open"}),
-                        ("quantitative", {"quantitative"}), ("base", set(r.base_types))):
+                        ("quantitative", {"quantitative"}), ("refer", {"refer"}), ("base", set(r.base_types))):
         recs = list(read_jsonl(train[name]))
         assert recs and {x.type for x in recs} <= types, name
+    # the tokenizer learns its merges from every training text but the refer questions'
+    every = list(read_jsonl(train["records"]))
+    texts = training_texts(train["records"])
+    assert TOKENIZER_SKIP_TYPES == ("refer",) and any(x.type == "refer" for x in every)
+    assert len(texts) == sum(x.type != "refer" for x in every) + 1
+    assert not any("Which one is" in t for t in texts)
     assert all(len(x.images) == 2 for x in read_jsonl(train["multiframe"]))
     # training never sees the held-out plan templates; the held-out split has them (and no presence records)
     assert not any(x.template for x in read_jsonl(train["plan"]))

@@ -26,8 +26,8 @@ from .scene import (
 from .vsr import VSR_META_CATEGORIES
 
 KINDS = RECORD_TYPES
-# "presence", "locate" (base pretraining of the embedded model) and "refer" (referring-expression grounding, tried
-# for its adapter: docs/EMBEDDED_MODEL.md) are opt-in, so default datasets are unchanged.
+# "presence", "locate" (base pretraining of the embedded model) and "refer" (referring-expression grounding, in the
+# embedded adapter's data: train/embedded.py) are opt-in, so default datasets are unchanged.
 DEFAULT_KINDS = tuple(k for k in KINDS if k not in ("presence", "locate", "refer"))
 # Records per scene (per camera for the single-image kinds); presence asks about every palette colour.
 DEFAULT_COUNTS = {"yesno": 4, "choice": 2, "open": 1, "quantitative": 2, "multiframe": 2, "multicamera": 1, "plan": 1, "describe": 1, "count": 1,
