@@ -23,10 +23,10 @@ def synth(tmp_path_factory):
 
 
 def test_features_agree_with_every_clear_image_relation_label(synth):
-    """Left/right and above/below labels are decided in the image too (relation_holds), and in front/behind and
-    closer/farther by depth with a margin, so the sign of the features' difference must agree with each of those
-    yes/no labels; bigger/smaller must follow apparent size more often than not (3D size = apparent size x
-    distance)."""
+    """Left/right and above/below labels are decided in the image too (relation_holds), in front/behind by depth
+    with a margin, and closer/farther by the distance to the camera with a margin (which, in these narrow views,
+    orders objects as depth does), so the sign of the features' difference must agree with each of those yes/no
+    labels; bigger/smaller must follow apparent size more often than not (3D size = apparent size x distance)."""
     root, recs = synth
     geo = SceneGeometry()
     sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1), "in front of": (3, -1),
