@@ -230,3 +230,33 @@ def test_resume_with_the_geometry_loss_matches_an_uninterrupted_run(setup, tmp_p
 def test_geometry_layers_are_checked(setup, tmp_path):
     with pytest.raises(ValueError, match="--geometry-layers"):
         train(_cfg(setup, tmp_path / "bad", geometry_weight=1.0, geometry_layers=(2, 99)))
+
+
+def test_length_groups_train_like_one_padded_batch(setup, tmp_path):
+    """length_groups=2: each micro-batch as two groups of similar length, each padded to its own longest, weighted
+    by answer tokens and geometry rows -- the same losses and the same adapter and heads as one padded batch."""
+    from safetensors.torch import load_file
+
+    from phi3v_spatial.model import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(setup["base"], num_crops=1)
+    items = load_sources(setup["data"])[0][0][:8]
+    groups = SpatialCollator(processor).batches(items, 2)
+    widths = [g["input_ids"].shape[1] for g in groups]
+    assert len(groups) == 2 and widths[0] < widths[1] == SpatialCollator(processor)(items)["input_ids"].shape[1]
+    kw = dict(steps=6, geometry_weight=1.0, geometry_layers=(1, 2), log_every=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(_cfg(setup, one, **kw))
+    train(_cfg(setup, two, length_groups=2, **kw))
+    log_one = [json.loads(line) for line in open(one / "train_log.jsonl")]
+    log_two = [json.loads(line) for line in open(two / "train_log.jsonl")]
+    for a, b in zip(log_one, log_two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["geometry_mse"].keys() == b["geometry_mse"].keys()
+        for k in a["geometry_mse"]:
+            assert a["geometry_mse"][k] == pytest.approx(b["geometry_mse"][k], rel=1e-4, abs=1e-7)
+    assert log_one[-1]["loss"] < log_one[0]["loss"]
+    for f in ("adapter_model.safetensors", "geometry_heads.safetensors"):
+        a, b = load_file(str(one / f)), load_file(str(two / f))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=int, default=50, help="warmup steps")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--length-groups", type=int, default=1, metavar="N",
+                   help="compute each forward pass's samples as N groups of similar length, each padded only to its "
+                        "own longest: the same gradient with less padding (default 1: one padded batch)")
     g = p.add_argument_group("auxiliary geometry loss (synthetic data only; train.geometry)")
     g.add_argument("--geometry-weight", type=float, default=0.0, metavar="W",
                    help="weight of the loss that makes hidden states regress each named object's image position and "
@@ -66,6 +69,7 @@ def config_from_args(args):
         resume=args.resume, seed=args.seed, device=args.device, dtype=args.dtype, num_crops=args.num_crops,
         gradient_checkpointing=args.gradient_checkpointing, save_dtype=args.save_dtype, progress=not args.no_progress,
         geometry_weight=args.geometry_weight, geometry_layers=tuple(args.geometry_layers),
+        length_groups=args.length_groups,
     )
 
 

@@ -20,7 +20,6 @@ from .geometry import GEOMETRY_FEATURES
 
 IGNORE_INDEX = -100
 
-
 def load_images(record: SpatialRecord, root: str) -> list:
     """The record's images as RGB PIL images (paths are relative to the JSONL's folder)."""
     from PIL import Image
@@ -31,15 +30,12 @@ def load_images(record: SpatialRecord, root: str) -> list:
             out.append(im.convert("RGB"))
     return out
 
-
 def record_prompt(record: SpatialRecord) -> str:
     return prompts.chat_prompt(record.question, len(record.images))
-
 
 def target_ids(tokenizer, answer: str) -> list[int]:
     """Token ids of ``answer_target(answer)`` as they follow the prompt (no BOS)."""
     return list(tokenizer(prompts.answer_target(answer), add_special_tokens=False)["input_ids"])
-
 
 def _as_list(ids) -> list[int]:
     if hasattr(ids, "tolist"):
@@ -47,7 +43,6 @@ def _as_list(ids) -> list[int]:
     if ids and isinstance(ids[0], list):   # batch of one
         ids = ids[0]
     return [int(i) for i in ids]
-
 
 @dataclass
 class EncodedSample:
@@ -62,11 +57,9 @@ class EncodedSample:
     # object's features: open answers, choices, the objects of a plan).
     geometry: list = field(default_factory=list)
 
-
 GEOMETRY_NAME, GEOMETRY_ANSWER, GEOMETRY_MOTION, GEOMETRY_TARGET = 0, 1, 2, 3
 GEOMETRY_KEYS = ((GEOMETRY_NAME, "geometry_name"), (GEOMETRY_ANSWER, "geometry_answer"),
                  (GEOMETRY_MOTION, "geometry_motion"), (GEOMETRY_TARGET, "geometry_target"))
-
 
 def encode_prompt(processor, prompt: str, images: Sequence):
     """Processor output for one prompt: (ids list, pixel_values or None, image_sizes or None)."""
@@ -74,7 +67,6 @@ def encode_prompt(processor, prompt: str, images: Sequence):
     pv = enc.get("pixel_values") if hasattr(enc, "get") else None
     sizes = enc.get("image_sizes") if hasattr(enc, "get") else None
     return _as_list(enc["input_ids"]), pv, sizes
-
 
 def encode_record(processor, record: SpatialRecord, root: str, images: Sequence | None = None) -> EncodedSample:
     """One training sample: prompt ids (masked) + answer-target ids (learned)."""
@@ -89,13 +81,11 @@ def encode_record(processor, record: SpatialRecord, root: str, images: Sequence 
         image_sizes=sizes,
     )
 
-
 def pad_id_of(tokenizer) -> int:
     pid = tokenizer.pad_token_id
     if pid is None:
         pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     return int(pid)
-
 
 def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     """Right-pad a list of samples into one batch; image tensors of all samples are concatenated in
@@ -129,7 +119,6 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
         )
     return batch
 
-
 def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
     """Sample positions of each named object's last token (``objs``: (start in question, name, features))."""
     out = []
@@ -140,7 +129,6 @@ def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
             return None
         out.append((ids_offset + j, feats))
     return out
-
 
 def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
     """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
@@ -175,7 +163,6 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
         out.append((GEOMETRY_TARGET, len(ids) - 1, answer_obj))
     return out
 
-
 def answer_geometry(tokenizer, geometry, record: SpatialRecord, root: str, target_start: int) -> list:
     """Geometry targets inside a plan answer that starts at sample position ``target_start``: GEOMETRY_TARGET at the
     position that predicts the first token of each object's first mention (that object's features), and
@@ -198,7 +185,6 @@ def answer_geometry(tokenizer, geometry, record: SpatialRecord, root: str, targe
         if j is not None and j > 0:
             out.append((GEOMETRY_TARGET, target_start + j - 1, feats))
     return out
-
 
 def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
                         images: Sequence | None = None, geometry=None) -> EncodedSample:
@@ -236,13 +222,11 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
             aux += turn_geometry(tok, geometry, records[k + 1], root, follow_up, ids)
     return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes, geometry=aux)
 
-
 def _pair_key(record: SpatialRecord):
     """The unordered object pair a relation question is about (None for other questions)."""
     if record.subj and record.obj:
         return frozenset((record.subj, record.obj))
     return None
-
 
 class SpatialCollator:
     """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``.
@@ -290,11 +274,21 @@ class SpatialCollator:
     def __call__(self, items: Sequence[tuple[SpatialRecord, str]]) -> dict:
         return collate([self.encode(r, root) for r, root in items], self.pad_id)
 
+    def batches(self, items: Sequence[tuple[SpatialRecord, str]], groups: int = 1) -> list[dict]:
+        """``items`` as up to ``groups`` batches of samples of similar length (sorted by length, cut into runs of
+        near-equal size), each padded only to its own longest sample: a micro-batch mixing short questions with
+        three-turn plan chats otherwise spends about half its positions on padding. One batch for ``groups`` 1."""
+        samples = [self.encode(r, root) for r, root in items]
+        k = max(1, min(int(groups), len(samples)))
+        if k == 1:
+            return [collate(samples, self.pad_id)]
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+        cuts = [g * len(order) // k for g in range(k + 1)]
+        return [collate([samples[i] for i in order[a:b]], self.pad_id) for a, b in zip(cuts, cuts[1:])]
 
 def answer_token_count(labels) -> int:
     """How many tokens of a label row are learned (for logging and tests)."""
     return int((np.asarray(labels) != IGNORE_INDEX).sum())
-
 
 def jsonl_root(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))

@@ -6,8 +6,8 @@ same global micro-batch from the shared, identically seeded ``ResumableMixture``
 process x processes) and keeps its own contiguous share, so the processes together see exactly the batch
 one process would draw with the whole global batch size, and the sampler state is the same everywhere.
 
-Losses are normalised by the global micro-batch: each process weighs its mean answer-token loss by its
-share of the micro-batch's answer tokens, and each geometry head's mean squared error by its share of that
+Losses are normalised by the global micro-batch (``train.loss``): each process weighs its mean answer-token loss
+by its share of the micro-batch's answer tokens, and each geometry head's mean squared error by its share of that
 head's rows, then the gradients are summed across processes (one all-reduce per optimizer step, after
 gradient accumulation). The result is the gradient of the global micro-batch's loss, as one process
 computes it, to float rounding; gradient clipping and the optimizer step then run identically everywhere,
@@ -21,11 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .collator import GEOMETRY_KEYS
-
 # Gradients go through the all-reduce in flat buckets of at most this many elements.
 BUCKET_ELEMENTS = 1 << 24
-HEAD_NAMES = tuple(key[len("geometry_"):] for _, key in GEOMETRY_KEYS)
 
 
 def launched_world_size() -> int:
@@ -135,34 +132,7 @@ class DataParallel:
         per = len(picks) // self.world
         return picks[self.rank * per:(self.rank + 1) * per]
 
-    def global_counts(self, batch: dict, targets: dict) -> dict:
-        """Answer tokens (as the loss counts them: shifted labels) and geometry rows per head, local and summed
-        over the processes: {"tokens": (local, global), head: (local, global), ...}."""
-        labels = batch["labels"]
-        local = [int((labels[:, 1:] >= 0).sum())]   # as the model counts them: -100 and image slots are < 0
-        local += [len(targets[f"geometry_{h}_index"]) if f"geometry_{h}_index" in targets else 0 for h in HEAD_NAMES]
-        total = self.sum(local)
-        return {k: (n, int(t)) for k, n, t in zip(("tokens",) + HEAD_NAMES, local, total)}
-
-    def micro_loss(self, out, counts: dict, heads, targets: dict, geometry_weight: float, grad_accum: int):
-        """(loss to backpropagate or None, its answer-token part, {head: part of that head's mean squared error})
-        of this process's share: summed over the processes, each is the global micro-batch's value / grad_accum."""
-        n, total = counts["tokens"]
-        loss = out.loss * (n / total) / grad_accum if n and total else None
-        ce = float(loss.detach()) if loss is not None else 0.0
-        parts: dict[str, float] = {}
-        if heads is not None:
-            for h in HEAD_NAMES:
-                rows, all_rows = counts[h]
-                if not all_rows:
-                    continue
-                parts[h] = 0.0
-                if not rows:
-                    continue
-                one = {k: targets[k] for k in (f"geometry_{h}_index", f"geometry_{h}_target")}
-                mse, _ = heads.loss(out.hidden_states, one)
-                term = mse * (rows / all_rows) / grad_accum
-                parts[h] = float(term.detach())
-                term = geometry_weight * term
-                loss = term if loss is None else loss + term
-        return loss, ce, parts
+    def whole_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """This process's share counts (``train.loss.share_counts``) summed over the processes."""
+        keys = list(counts)
+        return {k: int(v) for k, v in zip(keys, self.sum([counts[k] for k in keys]))}

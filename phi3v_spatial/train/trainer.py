@@ -22,6 +22,7 @@ import numpy as np
 
 from ..data.mixture import ResumableMixture
 from .collator import SpatialCollator
+from .loss import COUNT_KEYS, share_counts, share_loss
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -56,6 +57,9 @@ class TrainConfig:
     # apparent size and depth, one on hidden_states[geometry_layers[1]] at the answer position their difference.
     geometry_weight: float = 0.0
     geometry_layers: tuple = (2, 3)
+    # > 1: compute each micro-batch as this many groups of samples of similar length, each padded to its own
+    # longest (``train.loss`` weighs them so the gradient stays the whole micro-batch's, to float rounding)
+    length_groups: int = 1
     # checkpoints
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -301,6 +305,17 @@ def save_full(model, processor, out: str, save_dtype: str | None = None) -> None
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
+def _to_device(batch: dict, device, dtype, use_autocast: bool) -> tuple[dict, dict]:
+    """(model inputs on ``device``, geometry targets) of a collated batch."""
+    import torch
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    targets = {k: batch.pop(k) for k in [k for k in batch if k.startswith("geometry_")]}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(torch.float32 if not use_autocast else dtype)
+    return batch, targets
+
+
 def total_steps(cfg: TrainConfig, n_records: int, processes: int = 1) -> int:
     if cfg.steps:
         return int(cfg.steps)
@@ -411,31 +426,35 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
             picks = [sampler.next() for _ in range(cfg.batch_size * world)]
             if dp is not None:   # every process draws the global micro-batch and keeps its share
                 picks = dp.shard(picks)
-            batch = collator([items[d][i] for d, i in picks])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            targets = {k: batch.pop(k) for k in [k for k in batch if k.startswith("geometry_")]}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(torch.float32 if not use_autocast else dtype)
-            counts = dp.global_counts(batch, targets) if dp is not None else None
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                out = model(**batch, output_hidden_states=heads is not None)
+            shares = [_to_device(b, device, dtype, use_autocast)
+                      for b in collator.batches([items[d][i] for d, i in picks], cfg.length_groups)]
+            if dp is None and len(shares) == 1:   # the whole micro-batch at once: its own means
+                batch, targets = shares[0]
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
+                    out = model(**batch, output_hidden_states=heads is not None)
+                loss = out.loss / cfg.grad_accum
+                step_loss += float(loss.detach())
+                if heads is not None:
+                    aux, parts = heads.loss(out.hidden_states, targets)
+                    loss = loss + cfg.geometry_weight * aux / cfg.grad_accum
+                    for k, v in parts.items():
+                        step_geometry[k] = step_geometry.get(k, 0.0) + v / cfg.grad_accum
+                loss.backward()
+                continue
+            counts = [share_counts(batch, targets) for batch, targets in shares]
+            whole = {k: sum(c[k] for c in counts) for k in COUNT_KEYS}
             if dp is not None:
-                loss, part, geometry_parts = dp.micro_loss(out, counts, heads, targets, cfg.geometry_weight,
-                                                           cfg.grad_accum)
+                whole = dp.whole_counts(whole)
+            for (batch, targets), own in zip(shares, counts):
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
+                    out = model(**batch, output_hidden_states=heads is not None)
+                loss, part, geometry_parts = share_loss(out, own, whole, heads, targets, cfg.geometry_weight,
+                                                        cfg.grad_accum)
                 step_loss += part
                 for k, v in geometry_parts.items():
                     step_geometry[k] = step_geometry.get(k, 0.0) + v
                 if loss is not None:
                     loss.backward()
-                continue
-            loss = out.loss / cfg.grad_accum
-            step_loss += float(loss.detach())
-            if heads is not None:
-                aux, parts = heads.loss(out.hidden_states, targets)
-                loss = loss + cfg.geometry_weight * aux / cfg.grad_accum
-                for k, v in parts.items():
-                    step_geometry[k] = step_geometry.get(k, 0.0) + v / cfg.grad_accum
-            loss.backward()
         if dp is not None:   # the global micro-batches' gradient, and their loss for the log
             dp.reduce_gradients(params)
             keys = list(step_geometry)
