@@ -153,3 +153,45 @@ def _scene_names(record, root):
         if d["id"] == sid:
             return [o["name"] for o in d["objects"]]
     return []
+
+
+@pytest.mark.skipif(not os.path.isdir(EMBEDDED), reason="models/phi3v-spatial-tiny is not built")
+def test_a_referring_expression_ends_on_the_place_of_the_object_it_means(tmp_path):
+    """Refer questions and refer plans: the expression's last token regresses the object it means -- the named
+    object of a refer question's answer; a refer plan's target unless the instruction names the target, then its
+    reference. Other plans get no such target."""
+    from phi3v_spatial.data.synth import generate_dataset
+    from phi3v_spatial.model import Phi3VProcessor
+    from phi3v_spatial.train.collator import GEOMETRY_TARGET
+
+    path = generate_dataset(str(tmp_path / "refer"), 16, seed=4, size=(160, 120), kinds=["refer", "plan"],
+                            counts={"refer": 2, "plan": 4}, frames=1, cameras=1)
+    root, recs = os.path.dirname(path), list(read_jsonl(path))
+    processor = Phi3VProcessor.from_pretrained(EMBEDDED, num_crops=1)
+    collator = SpatialCollator(processor, geometry=SceneGeometry())
+    geo = SceneGeometry()
+    seen = {"refer": 0, "plan target": 0, "plan reference": 0, "other plans": 0}
+    for r in recs:
+        found = geo.expression_object(r, root)
+        if not (r.type == "refer" or r.family == "refer"):
+            assert not r.expression and found is None
+            seen["other plans"] += 1
+            continue
+        assert r.expression and r.expression in r.question
+        named_target = f"the {r.subj}" in r.question
+        meant = r.obj if r.type == "plan" and named_target else r.subj
+        if r.type == "plan":
+            seen["plan reference" if named_target else "plan target"] += 1
+            assert named_target != (f"the {r.obj}" in r.question)   # one object named, the other meant
+        else:
+            seen["refer"] += 1
+        start, expression, feats = found
+        assert (start, expression) == (r.question.find(r.expression), r.expression)
+        np.testing.assert_array_equal(feats, geo.object_features(r, root, meant))
+        sample = collator.encode(r, root)
+        at_expression = [pos for kind, pos, t in sample.geometry if kind == GEOMETRY_TARGET and np.array_equal(t, feats)
+                         and sample.labels[pos] == IGNORE_INDEX and sample.labels[pos + 1] == IGNORE_INDEX]
+        assert len(at_expression) == 1, r.question
+        text = processor.tokenizer.decode(sample.input_ids[at_expression[0] - 3:at_expression[0] + 1])
+        assert text.rstrip("?.,").endswith(r.expression.split()[-1]), (text, r.expression)   # may hold the stop
+    assert all(n > 0 for n in seen.values()), seen

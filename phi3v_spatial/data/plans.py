@@ -193,12 +193,12 @@ class PlanMaker:
 
     def _record(self, j: int, family: str, template_set: str, instruction: str, steps: list[dict], goal: list,
                 movable: list[str], missing: Sequence[str] = (), reason: str = "", subj: str = "", rel: str = "",
-                obj: str = "") -> SpatialRecord:
+                obj: str = "", expression: str = "") -> SpatialRecord:
         return SpatialRecord(
             id=f"synth-{self.scene.id}-c0-plan-{j}", images=[self.image], type="plan", source="synth",
             question=prompts.plan_request(instruction), answer=prompts.plan_reply(steps, reason, missing),
             plan=steps, relation=rel, subj=subj, obj=obj, family=family, goal=[list(g) for g in goal],
-            movable=sorted(movable), missing=list(missing), scene=self.scene.id,
+            movable=sorted(movable), missing=list(missing), expression=expression, scene=self.scene.id,
             template="" if template_set == "train" else template_set)
 
     def move(self, j: int, done: bool = False) -> SpatialRecord | None:
@@ -236,7 +236,7 @@ class PlanMaker:
             steps, goal = move_steps(a, rel, b), [(a, rel, b)]
             if self._ok(steps, goal, [a]):
                 return self._record(j, "refer", tset, template.format(a=text_a, rel=rel, b=text_b), steps, goal, [a],
-                                    subj=a, rel=rel, obj=b)
+                                    subj=a, rel=rel, obj=b, expression=expr)
         return None
 
     def multistep(self, j: int) -> SpatialRecord | None:

@@ -222,7 +222,7 @@ def refer_records(scene: SynthScene, image: str, rng: np.random.Generator, n: in
         expression, name, anchor = found[int(k)]
         out.append(SpatialRecord(**_ctx(scene, 0, image, "refer", len(out)),
                                  question=REFER_QUESTION.format(expression=expression), answer=name, subj=name,
-                                 obj=anchor))
+                                 obj=anchor, expression=expression))
     return out
 
 

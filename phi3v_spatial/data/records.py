@@ -50,6 +50,10 @@ class SpatialRecord:
     goal: list = field(default_factory=list)
     movable: list = field(default_factory=list)
     missing: list = field(default_factory=list)
+    # Refer plans and refer questions: the referring expression as the question words it ("the biggest cube"); the
+    # object it means is ``subj`` (or a refer plan's ``obj`` when it names the reference). The geometry loss
+    # supervises the expression's last token with that object's place (``train.geometry``).
+    expression: str = ""
     # Plan and multi-image records: "held-out" when the sentence template is one training never uses.
     template: str = ""
     # Which of the record's images a relation question is about (two-camera questions: "In the second image ...").

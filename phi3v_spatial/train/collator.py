@@ -20,6 +20,7 @@ from .geometry import GEOMETRY_FEATURES
 
 IGNORE_INDEX = -100
 
+
 def load_images(record: SpatialRecord, root: str) -> list:
     """The record's images as RGB PIL images (paths are relative to the JSONL's folder)."""
     from PIL import Image
@@ -30,12 +31,15 @@ def load_images(record: SpatialRecord, root: str) -> list:
             out.append(im.convert("RGB"))
     return out
 
+
 def record_prompt(record: SpatialRecord) -> str:
     return prompts.chat_prompt(record.question, len(record.images))
+
 
 def target_ids(tokenizer, answer: str) -> list[int]:
     """Token ids of ``answer_target(answer)`` as they follow the prompt (no BOS)."""
     return list(tokenizer(prompts.answer_target(answer), add_special_tokens=False)["input_ids"])
+
 
 def _as_list(ids) -> list[int]:
     if hasattr(ids, "tolist"):
@@ -43,6 +47,7 @@ def _as_list(ids) -> list[int]:
     if ids and isinstance(ids[0], list):   # batch of one
         ids = ids[0]
     return [int(i) for i in ids]
+
 
 @dataclass
 class EncodedSample:
@@ -54,12 +59,15 @@ class EncodedSample:
     # name's last token (target: that object's features), GEOMETRY_ANSWER at the last prompt token (first-named
     # minus second-named object's features), GEOMETRY_MOTION at an object name of a two-frame question (its
     # change between the frames), GEOMETRY_TARGET where the answer's next token starts naming an object (that
-    # object's features: open answers, choices, the objects of a plan).
+    # object's features: open answers, choices, the objects of a plan) and at a referring expression's last token
+    # (the features of the object it means).
     geometry: list = field(default_factory=list)
+
 
 GEOMETRY_NAME, GEOMETRY_ANSWER, GEOMETRY_MOTION, GEOMETRY_TARGET = 0, 1, 2, 3
 GEOMETRY_KEYS = ((GEOMETRY_NAME, "geometry_name"), (GEOMETRY_ANSWER, "geometry_answer"),
                  (GEOMETRY_MOTION, "geometry_motion"), (GEOMETRY_TARGET, "geometry_target"))
+
 
 def encode_prompt(processor, prompt: str, images: Sequence):
     """Processor output for one prompt: (ids list, pixel_values or None, image_sizes or None)."""
@@ -67,6 +75,7 @@ def encode_prompt(processor, prompt: str, images: Sequence):
     pv = enc.get("pixel_values") if hasattr(enc, "get") else None
     sizes = enc.get("image_sizes") if hasattr(enc, "get") else None
     return _as_list(enc["input_ids"]), pv, sizes
+
 
 def encode_record(processor, record: SpatialRecord, root: str, images: Sequence | None = None) -> EncodedSample:
     """One training sample: prompt ids (masked) + answer-target ids (learned)."""
@@ -81,11 +90,13 @@ def encode_record(processor, record: SpatialRecord, root: str, images: Sequence 
         image_sizes=sizes,
     )
 
+
 def pad_id_of(tokenizer) -> int:
     pid = tokenizer.pad_token_id
     if pid is None:
         pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     return int(pid)
+
 
 def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
     """Right-pad a list of samples into one batch; image tensors of all samples are concatenated in
@@ -119,6 +130,7 @@ def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict:
         )
     return batch
 
+
 def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
     """Sample positions of each named object's last token (``objs``: (start in question, name, features))."""
     out = []
@@ -130,9 +142,10 @@ def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
         out.append((ids_offset + j, feats))
     return out
 
+
 def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
     """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
-    last token, and the last token of the turn (where the answer's first token is predicted). Positions are found
+    last token, a referring expression's last token (the object it means), and the last token of the turn (where the answer's first token is predicted). Positions are found
     through the tokenizer's character offsets and checked against ``ids``; a turn whose tokens do not line up (or
     whose record has no geometry) gets none."""
     if geometry is None:
@@ -140,7 +153,8 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
     objs = geometry.question_objects(record, root)
     moving = geometry.motion_objects(record, root)
     answer_obj = geometry.answer_object(record, root)
-    if not objs and not moving and answer_obj is None:
+    expression = geometry.expression_object(record, root)
+    if not objs and not moving and answer_obj is None and expression is None:
         return []
     from ..model.processing_phi3v import IMAGE_TAG
 
@@ -151,7 +165,8 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
     if q0 < 0 or n > len(ids) or list(ids[len(ids) - n:]) != text_ids:
         return []
     out = []
-    for kind, found in ((GEOMETRY_NAME, objs), (GEOMETRY_MOTION, moving)):
+    expressions = [expression] if expression is not None else []
+    for kind, found in ((GEOMETRY_NAME, objs), (GEOMETRY_MOTION, moving), (GEOMETRY_TARGET, expressions)):
         if found:
             positions = _name_positions(offsets, q0, len(ids) - n, found)
             if positions is None:
@@ -162,6 +177,7 @@ def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: s
     if answer_obj is not None:
         out.append((GEOMETRY_TARGET, len(ids) - 1, answer_obj))
     return out
+
 
 def answer_geometry(tokenizer, geometry, record: SpatialRecord, root: str, target_start: int) -> list:
     """Geometry targets inside a plan answer that starts at sample position ``target_start``: GEOMETRY_TARGET at the
@@ -185,6 +201,7 @@ def answer_geometry(tokenizer, geometry, record: SpatialRecord, root: str, targe
         if j is not None and j > 0:
             out.append((GEOMETRY_TARGET, target_start + j - 1, feats))
     return out
+
 
 def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
                         images: Sequence | None = None, geometry=None) -> EncodedSample:
@@ -222,11 +239,13 @@ def encode_conversation(processor, records: Sequence[SpatialRecord], root: str,
             aux += turn_geometry(tok, geometry, records[k + 1], root, follow_up, ids)
     return EncodedSample(input_ids=ids, labels=labels, pixel_values=pv, image_sizes=sizes, geometry=aux)
 
+
 def _pair_key(record: SpatialRecord):
     """The unordered object pair a relation question is about (None for other questions)."""
     if record.subj and record.obj:
         return frozenset((record.subj, record.obj))
     return None
+
 
 class SpatialCollator:
     """``collator([(record, root), ...]) -> batch`` for a ``torch.utils.data.DataLoader``.
@@ -286,9 +305,11 @@ class SpatialCollator:
         cuts = [g * len(order) // k for g in range(k + 1)]
         return [collate([samples[i] for i in order[a:b]], self.pad_id) for a, b in zip(cuts, cuts[1:])]
 
+
 def answer_token_count(labels) -> int:
     """How many tokens of a label row are learned (for logging and tests)."""
     return int((np.asarray(labels) != IGNORE_INDEX).sum())
+
 
 def jsonl_root(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))

@@ -6,7 +6,9 @@ image position was not linearly decodable (R^2 0.17 after the adapter's first ph
 relation got answered from one shared score (docs/EMBEDDED_MODEL.md). The synthetic scenes know every object's
 place, so training can ask for it directly (deep supervision): a linear head reads each object name's last token
 at one layer and regresses that object's image position, apparent size and depth, another reads the answer
-position at a later layer and regresses the difference between the two named objects. The heads are a training aid
+position at a later layer and regresses the difference between the two named objects. A referring expression's
+last token ("the biggest cube") regresses the place of the object it means, in refer plans as in refer questions,
+so a plan resolves its expression where it reads it, the way the question does. The heads are a training aid
 only; the adapter that comes out is a plain PEFT adapter, and inference never sees them.
 
 Only synthetic records carry this (their folder holds ``scenes.jsonl``, written by ``data.synth``); VSR and other
@@ -148,6 +150,22 @@ class SceneGeometry:
             return self.object_features(record, root, record.subj, 1)
         return None
 
+    def expression_object(self, record: SpatialRecord, root: str) -> tuple[int, str, np.ndarray] | None:
+        """The referring expression of a refer question or refer plan: (where it starts in the question, the
+        expression, features of the object it means); None for other records. A refer plan's expression means its
+        target (``subj``) unless the instruction names the target, then its reference (``obj``)."""
+        if not record.expression or len(record.images) != 1 or not record.subj:
+            return None
+        if record.type == "refer":
+            meant = record.subj
+        elif record.type == "plan" and record.family == "refer":
+            meant = record.subj if f"the {record.subj}" not in record.question else record.obj
+        else:
+            return None
+        start = record.question.find(record.expression)
+        feats = self.object_features(record, root, meant, 0) if start >= 0 and meant else None
+        return None if feats is None else (start, record.expression, feats)
+
     def plan_pair(self, record: SpatialRecord, root: str) -> np.ndarray | None:
         """Subject minus object features of a one-relation plan instruction (move, refer, done); None otherwise."""
         if record.type != "plan" or record.family not in ("move", "refer", "done") or len(record.images) != 1:
@@ -183,7 +201,8 @@ def make_geometry_heads(hidden_size: int, layers: tuple[int, int]):
     class GeometryHeads(torch.nn.Module):
         """Read ``hidden_states[layers[0]]`` at object names (``name``: the object's features; ``motion``: their
         change between two frames) and ``hidden_states[layers[1]]`` at answer positions (``answer``: first-named minus
-        second-named object; ``target``: the object the answer names next); ``loss`` sums each head's mean squared
+        second-named object; ``target``: the object the answer names next, or a referring expression's last token
+        the object it means); ``loss`` sums each head's mean squared
         error."""
 
         def __init__(self):
