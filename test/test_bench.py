@@ -39,3 +39,23 @@ def test_bench_rejects_bad_arguments():
     run = subprocess.run([os.path.join(BIN, "phi3v-spatial"), "bench", "--model", "/no/such/model"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "does not exist" in run.stderr
+
+
+def test_length_groups_benchmark_times_each_way_and_gets_the_same_gradient(tmp_path, capsys):
+    """The length-groups benchmark on a few synthetic scenes: every way printed, each one's gradient the padded
+    batch's to float rounding (the timings are printed, not asserted)."""
+    import re
+
+    from phi3v_spatial.benchmark import length_groups
+    from phi3v_spatial.data.synth import generate_dataset
+    from phi3v_spatial.train.embedded import EVAL_TYPES, TRAIN_COUNTS, Recipe
+
+    r = Recipe()
+    data = generate_dataset(str(tmp_path / "synth"), 6, seed=2, frames=2, cameras=2, size=tuple(r.image_size),
+                            kinds=list(dict.fromkeys(tuple(r.base_types) + EVAL_TYPES)), counts=TRAIN_COUNTS)
+    assert length_groups.main(["--data", data, "--batches", "1", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\d+% of one padded batch's positions are padding", text), text
+    gaps = [float(x) for x in re.findall(r"gradient off one padded batch's by ([0-9.e+-]+)", text)]
+    assert "1 group :" in text and "2 groups:" in text and "4 groups:" in text and len(gaps) == 2, text
+    assert all(g < 1e-4 for g in gaps), text

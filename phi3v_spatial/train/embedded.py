@@ -152,6 +152,10 @@ class Recipe:
     lora_batch: int = 16
     lora_warmup: int = 50
     lora_turns: int = 3              # records about the same images per chat (never two about the same pair)
+    # Each micro-batch computed as 2 groups of similar length (``TrainConfig.length_groups``): the "all" phase's
+    # batches mix one-turn-long questions with three-turn plan chats, and padded to their longest, 45% of their
+    # positions were padding; in 2 groups a step takes 0.35 s instead of 0.45 s, with the same gradient.
+    lora_length_groups: int = 2
     # The auxiliary geometry loss (``train.geometry``): heads make the hidden states at object names hold the
     # object's image position and size (and its motion between two frames), and the answer positions the objects
     # the answer is about. Without it the adapter never learned to fetch a named object's place: relations sat at
@@ -198,17 +202,20 @@ def make_data(work: str, r: Recipe) -> dict:
         path = generate_dataset(d, n, seed, frames=r.frames, cameras=r.cameras, size=tuple(r.image_size),
                                 kinds=kinds if split == "train" else list(EVAL_TYPES), counts=counts,
                                 plan_templates=templates, workers=r.data_workers)
-        recs = list(read_jsonl(path))
         out[split] = {"dir": d, "records": path}
-        sets = {**RECORD_SETS, "base": tuple(r.base_types), "eval": EVAL_TYPES}
-        for name, types in sets.items():
+        for name, recs in record_sets(list(read_jsonl(path)), tuple(r.base_types)).items():
             p = os.path.join(d, f"{name}.jsonl")
             out[split][name] = p
-            out[split][f"n_{name}"] = write_jsonl(p, (x for x in recs if x.type in types))
-        p = os.path.join(d, "spatial_canonical.jsonl")
-        out[split]["spatial_canonical"] = p
-        out[split]["n_spatial_canonical"] = write_jsonl(
-            p, (x for x in recs if x.type in RECORD_SETS["spatial"] and x.relation in CANONICAL_RELATIONS))
+            out[split][f"n_{name}"] = write_jsonl(p, recs)
+    return out
+
+
+def record_sets(recs: list, base_types: tuple = BASE_TYPES) -> dict[str, list]:
+    """Stage a's record sets of ``recs``: ``RECORD_SETS`` (the base set with ``base_types``), "eval" (every kind
+    the evaluation scores) and "spatial_canonical" (the spatial records of one direction per relation pair)."""
+    sets = {**RECORD_SETS, "base": tuple(base_types), "eval": EVAL_TYPES}
+    out = {name: [x for x in recs if x.type in types] for name, types in sets.items()}
+    out["spatial_canonical"] = [x for x in out["spatial"] if x.relation in CANONICAL_RELATIONS]
     return out
 
 
@@ -436,7 +443,7 @@ def adapter_config(r: Recipe, base_dir: str):
     return TrainConfig(base=base_dir, data=[], out="", full=False, batch_size=r.lora_batch, grad_accum=1,
                        warmup_steps=r.lora_warmup, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
                        modules_to_save=saved or None, targets=targets, weight_decay=0.0, seed=r.seed, device="cpu",
-                       num_crops=r.num_crops, log_every=10, turns=r.lora_turns,
+                       num_crops=r.num_crops, log_every=10, turns=r.lora_turns, length_groups=r.lora_length_groups,
                        geometry_weight=r.lora_geometry_weight, geometry_layers=tuple(r.lora_geometry_layers))
 
 
