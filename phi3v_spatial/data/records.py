@@ -52,7 +52,7 @@ class SpatialRecord:
     missing: list = field(default_factory=list)
     # Refer plans and refer questions: the referring expression as the question words it ("the biggest cube"); the
     # object it means is ``subj`` (or a refer plan's ``obj`` when it names the reference). The geometry loss
-    # supervises a superlative expression's last token with that object's place (``train.geometry``).
+    # supervises the expression's last token with that object's place (``train.geometry``).
     expression: str = ""
     # Plan and multi-image records: "held-out" when the sentence template is one training never uses.
     template: str = ""

@@ -59,8 +59,8 @@ class EncodedSample:
     # name's last token (target: that object's features), GEOMETRY_ANSWER at the last prompt token (first-named
     # minus second-named object's features), GEOMETRY_MOTION at an object name of a two-frame question (its
     # change between the frames), GEOMETRY_TARGET where the answer's next token starts naming an object (that
-    # object's features: open answers, choices, the objects of a plan) and at a superlative referring expression's
-    # last token (the features of the object it means).
+    # object's features: open answers, choices, the objects of a plan) and at a referring expression's last token
+    # (the features of the object it means).
     geometry: list = field(default_factory=list)
 
 
@@ -145,9 +145,9 @@ def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
 
 def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
     """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
-    last token, a superlative referring expression's last token (the object it means), and the last token of the
-    turn (where the answer's first token is predicted). Positions are found through the tokenizer's character offsets
-    and checked against ``ids``; a turn whose tokens do not line up (or whose record has no geometry) gets none."""
+    last token, a referring expression's last token (the object it means), and the last token of the turn (where the answer's first token is predicted). Positions are found
+    through the tokenizer's character offsets and checked against ``ids``; a turn whose tokens do not line up (or
+    whose record has no geometry) gets none."""
     if geometry is None:
         return []
     objs = geometry.question_objects(record, root)

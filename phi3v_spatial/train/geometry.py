@@ -6,9 +6,9 @@ image position was not linearly decodable (R^2 0.17 after the adapter's first ph
 relation got answered from one shared score (docs/EMBEDDED_MODEL.md). The synthetic scenes know every object's
 place, so training can ask for it directly (deep supervision): a linear head reads each object name's last token
 at one layer and regresses that object's image position, apparent size and depth, another reads the answer
-position at a later layer and regresses the difference between the two named objects. A superlative referring
-expression's last token ("the biggest cube") regresses the place of the object it means, in refer plans as in refer
-questions, so a plan resolves its expression where it reads it, the way the question does. The heads are a training aid
+position at a later layer and regresses the difference between the two named objects. A referring expression's
+last token ("the biggest cube") regresses the place of the object it means, in refer plans as in refer questions,
+so a plan resolves its expression where it reads it, the way the question does. The heads are a training aid
 only; the adapter that comes out is a plain PEFT adapter, and inference never sees them.
 
 Only synthetic records carry this (their folder holds ``scenes.jsonl``, written by ``data.synth``); VSR and other
@@ -151,19 +151,10 @@ class SceneGeometry:
         return None
 
     def expression_object(self, record: SpatialRecord, root: str) -> tuple[int, str, np.ndarray] | None:
-        """The superlative referring expression of a refer question or refer plan ("the biggest cube", "the cone
-        closest to the camera"): (where it starts in the question, the expression, features of the object it
-        means); None for other records. A refer plan's expression means its target (``subj``) unless the
-        instruction names the target, then its reference (``obj``).
-
-        Relative expressions ("the cone behind the red cube") get none: they end on their anchor's name, whose last
-        token the name head, and every instruction that names that object, read as the anchor itself; a target
-        there for another object contradicted them (runs/S23: move plans 97% -> 92%, relative refer plans 23/41 ->
-        16/41, while superlative ones rose from 65/97 to 76/97; docs/EMBEDDED_MODEL.md)."""
+        """The referring expression of a refer question or refer plan: (where it starts in the question, the
+        expression, features of the object it means); None for other records. A refer plan's expression means its
+        target (``subj``) unless the instruction names the target, then its reference (``obj``)."""
         if not record.expression or len(record.images) != 1 or not record.subj:
-            return None
-        _, scene = self._image_scene(record.images[0], root)
-        if scene is None or any(record.expression.endswith(f" {o['name']}") for o in scene["objects"]):
             return None
         if record.type == "refer":
             meant = record.subj
