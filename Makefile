@@ -35,8 +35,8 @@ SOAK_ARGS ?= --duration 1800 --warmup 300
 soak: setup
 	$(VENV)/bin/phi3v-spatial soak $(SOAK_ARGS)
 
-# Rebuilds the embedded demo model in models/ from scratch (66-83 minutes on this project's 2-core machine,
-# whose speed varies from day to day).
+# Rebuilds the embedded demo model in models/ from scratch (about 74 minutes on this project's 2-core machine on a
+# slow day, summed over the stages of the committed build; its speed varies from day to day by up to 1.3x).
 embedded: setup
 	$(VENV)/bin/phi3v-spatial build-embedded --out models
 

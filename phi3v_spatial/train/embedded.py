@@ -154,7 +154,8 @@ class Recipe:
     lora_turns: int = 3              # records about the same images per chat (never two about the same pair)
     # Each micro-batch computed as 2 groups of similar length (``TrainConfig.length_groups``): the "all" phase's
     # batches mix one-turn-long questions with three-turn plan chats, and padded to their longest, 45% of their
-    # positions were padding; in 2 groups a step takes 0.35 s instead of 0.45 s, with the same gradient.
+    # positions were padding; in 2 groups its steps took 0.38 s instead of 0.47 s (runs/S23 against S22), with the
+    # same gradient.
     lora_length_groups: int = 2
     # The auxiliary geometry loss (``train.geometry``): heads make the hidden states at object names hold the
     # object's image position and size (and its motion between two frames), and the answer positions the objects
