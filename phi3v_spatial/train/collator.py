@@ -145,9 +145,9 @@ def _name_positions(offsets, q0: int, ids_offset: int, objs) -> list | None:
 
 def turn_geometry(tokenizer, geometry, record: SpatialRecord, root: str, text: str, ids: Sequence[int]) -> list:
     """Geometry targets of one turn whose text ``text`` ends ``ids`` (the sample's ids so far): each named object's
-    last token, a referring expression's last token (the object it means), and the last token of the turn (where the answer's first token is predicted). Positions are found
-    through the tokenizer's character offsets and checked against ``ids``; a turn whose tokens do not line up (or
-    whose record has no geometry) gets none."""
+    last token, a referring expression's last token (the object it means), and the last token of the turn (where
+    the answer's first token is predicted). Positions are found through the tokenizer's character offsets and
+    checked against ``ids``; a turn whose tokens do not line up (or whose record has no geometry) gets none."""
     if geometry is None:
         return []
     objs = geometry.question_objects(record, root)

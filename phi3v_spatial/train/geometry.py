@@ -201,9 +201,8 @@ def make_geometry_heads(hidden_size: int, layers: tuple[int, int]):
     class GeometryHeads(torch.nn.Module):
         """Read ``hidden_states[layers[0]]`` at object names (``name``: the object's features; ``motion``: their
         change between two frames) and ``hidden_states[layers[1]]`` at answer positions (``answer``: first-named minus
-        second-named object; ``target``: the object the answer names next, or a referring expression's last token
-        the object it means); ``loss`` sums each head's mean squared
-        error."""
+        second-named object; ``target``: the object the answer names next, and at a referring expression's last
+        token the object it means); ``loss`` sums each head's mean squared error."""
 
         def __init__(self):
             super().__init__()
