@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     from ..paths import default_adapter_dir, default_model_dir
     from ..train.collator import SpatialCollator
     from ..train.embedded import TRAIN_COUNTS, Recipe, adapter_config
-    from ..train.loss import COUNT_KEYS, share_counts, share_loss
-    from ..train.trainer import _geometry_setup, _to_device, continue_lora, load_base
+    from ..train.trainer import _geometry_setup, _to_device, backward_micro_batch, continue_lora, load_base
 
     p = argparse.ArgumentParser(prog="python -m phi3v_spatial.benchmark.length_groups")
     p.add_argument("--data", help="a records.jsonl of synthetic training data (default: render 40 scenes)")
@@ -72,12 +71,7 @@ def main(argv=None) -> int:
     def step(batch_items, groups: int):
         """Forward + backward of one micro-batch in ``groups`` groups; returns the gradient, flattened."""
         shares = [_to_device(b, device, torch.float32, False) for b in collator.batches(batch_items, groups)]
-        counts = [share_counts(b, t) for b, t in shares]
-        whole = {k: sum(c[k] for c in counts) for k in COUNT_KEYS}
-        for (batch, targets), own in zip(shares, counts):
-            out = model(**batch, output_hidden_states=True)
-            loss, _, _ = share_loss(out, own, whole, heads, targets, cfg.geometry_weight, 1)
-            loss.backward()
+        backward_micro_batch(model, heads, shares, cfg.geometry_weight, 1)
         grad = torch.cat([q.grad.flatten() if q.grad is not None else q.new_zeros(q.numel()) for q in params])
         model.zero_grad(set_to_none=True)
         heads.zero_grad(set_to_none=True)

@@ -305,6 +305,31 @@ def save_full(model, processor, out: str, save_dtype: str | None = None) -> None
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
+def backward_micro_batch(model, heads, shares: list, geometry_weight: float, grad_accum: int, dp=None,
+                         autocast=None) -> tuple[float, dict]:
+    """Forward + backward of one micro-batch given as ``shares`` ((model inputs, geometry targets) per length
+    group), each share's loss normalised by the whole micro-batch (``train.loss``; by every process's when ``dp``
+    is given). Returns its answer-token loss and {head: mean squared error}, each / ``grad_accum`` (data-parallel:
+    this process's part). ``autocast``: a factory of the context each forward pass runs in."""
+    import contextlib
+
+    counts = [share_counts(batch, targets) for batch, targets in shares]
+    whole = {k: sum(c[k] for c in counts) for k in COUNT_KEYS}
+    if dp is not None:
+        whole = dp.whole_counts(whole)
+    ce, geometry = 0.0, {}
+    for (batch, targets), own in zip(shares, counts):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = model(**batch, output_hidden_states=heads is not None)
+        loss, part, parts = share_loss(out, own, whole, heads, targets, geometry_weight, grad_accum)
+        ce += part
+        for k, v in parts.items():
+            geometry[k] = geometry.get(k, 0.0) + v
+        if loss is not None:
+            loss.backward()
+    return ce, geometry
+
+
 def _to_device(batch: dict, device, dtype, use_autocast: bool) -> tuple[dict, dict]:
     """(model inputs on ``device``, geometry targets) of a collated batch."""
     import torch
@@ -419,6 +444,10 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
 
         bar = tqdm(total=steps, initial=step, desc="train" + (" (full)" if cfg.full else " (lora)"), dynamic_ncols=True)
     ema = losses[-1] if losses else None
+
+    def autocast():   # the context of each forward pass: bf16 / fp16 autocast on CUDA, plain fp32 on CPU
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast)
+
     while step < steps:
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_geometry = 0.0, {}
@@ -428,33 +457,11 @@ def train(cfg: TrainConfig, sources: list | None = None, on_step: Callable[[int,
                 picks = dp.shard(picks)
             shares = [_to_device(b, device, dtype, use_autocast)
                       for b in collator.batches([items[d][i] for d, i in picks], cfg.length_groups)]
-            if dp is None and len(shares) == 1:   # the whole micro-batch at once: its own means
-                batch, targets = shares[0]
-                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                    out = model(**batch, output_hidden_states=heads is not None)
-                loss = out.loss / cfg.grad_accum
-                step_loss += float(loss.detach())
-                if heads is not None:
-                    aux, parts = heads.loss(out.hidden_states, targets)
-                    loss = loss + cfg.geometry_weight * aux / cfg.grad_accum
-                    for k, v in parts.items():
-                        step_geometry[k] = step_geometry.get(k, 0.0) + v / cfg.grad_accum
-                loss.backward()
-                continue
-            counts = [share_counts(batch, targets) for batch, targets in shares]
-            whole = {k: sum(c[k] for c in counts) for k in COUNT_KEYS}
-            if dp is not None:
-                whole = dp.whole_counts(whole)
-            for (batch, targets), own in zip(shares, counts):
-                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                    out = model(**batch, output_hidden_states=heads is not None)
-                loss, part, geometry_parts = share_loss(out, own, whole, heads, targets, cfg.geometry_weight,
-                                                        cfg.grad_accum)
-                step_loss += part
-                for k, v in geometry_parts.items():
-                    step_geometry[k] = step_geometry.get(k, 0.0) + v
-                if loss is not None:
-                    loss.backward()
+            part, geometry_parts = backward_micro_batch(model, heads, shares, cfg.geometry_weight, cfg.grad_accum,
+                                                        dp=dp, autocast=autocast)
+            step_loss += part
+            for k, v in geometry_parts.items():
+                step_geometry[k] = step_geometry.get(k, 0.0) + v
         if dp is not None:   # the global micro-batches' gradient, and their loss for the log
             dp.reduce_gradients(params)
             keys = list(step_geometry)
